@@ -100,11 +100,12 @@ def row(req: Request, names: dict) -> list:
     # a plain float with 1e-4 <= |x| < 1e6 or zero, "%.9f" rounds exactly as round(x, 9) does and, with
     # trailing zeros dropped, is that value's repr (at most 15 significant digits); repr switches to
     # exponent notation below 1e-4, so everything else takes _f_any.
-    sc, ar, wa, tt, tp, im, e2, en, co = [
+    ar, wa, tt, tp, im, e2, en, co = [
         (s + "0" if (s := f"{x:.9f}".rstrip("0"))[-1] == "." else s)
         if x.__class__ is float and (1e-4 <= x < 1e6 or -1e6 < x <= -1e-4 or x == 0.0) else _f_any(x)
-        for x in (sched, arrival, wait, ttft if ok else None, tpot, req.itl_max if tpot is not None else None,
+        for x in (arrival, wait, ttft if ok else None, tpot, req.itl_max if tpot is not None else None,
                   e2e, req.end, req.cost)]
+    sc = ar if sched == arrival else _f_any(sched)  # the simulator's requests arrive when scheduled
     return [
         req.rid, c[0], c[1], c[2], c[3], c[4], req.priority, int(req.stream),
         sc, ar, req.outcome, req.error, req.level,

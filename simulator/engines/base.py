@@ -11,7 +11,7 @@ class EngineBase:
         self.steps = 0
         self.busy_s = 0.0
         self.batch_sizes: dict[int, int] = {}
-        self.proc = self.env.process(self.loop())
+        self._start()
 
     # called by the world
     def enqueue(self, req) -> None:
@@ -40,6 +40,10 @@ class EngineBase:
                 "batch_sizes": dict(sorted(self.batch_sizes.items()))}
 
     # used by loops
+    def _start(self):
+        """Start the engine's loop (a SimPy process unless the engine drives itself by callbacks)."""
+        self.proc = self.env.process(self.loop())
+
     def idle(self):
         self.wakeup = self.env.event()
         return self.wakeup

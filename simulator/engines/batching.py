@@ -78,7 +78,9 @@ class DynamicBatching(EngineBase):
             yield env.timeout(float(times.sum()))
             self.steps += k
             t = env.now
-            world.add_itl(times, n)
+            ns = sum(r.stream for r in active)  # a client sees inter-token gaps only in a stream
+            if ns:
+                world.add_itl(times, ns)
             if world.token_listener is not None:
                 world.emit(active, seg0 + np.cumsum(times))
             mx = float(times.max())

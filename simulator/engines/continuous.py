@@ -121,6 +121,7 @@ class Continuous(EngineBase):
         self.pre: list = []
         self.cnt = [0] * bs  # decoding requests per phase: those needing a new block at ticks = phase (mod bs)
         self.sum_c = 0  # KV tokens of decoding requests
+        self.ns = 0  # streamed requests among them: a step's weight in the pooled ITL (a client sees gaps only in a stream)
         self.dec_blocks = 0  # blocks in decoding requests' tables
         self.fin: list = []  # (finish tick, rid, dec_base, req)
         self.dlh: list = []  # (deadline, rid, dec_base, req), fast-forward only
@@ -149,6 +150,7 @@ class Continuous(EngineBase):
         self.lookups = self.hit_reqs = self.hit_tokens = self.lookup_tokens = self.admitted_tokens = 0
         super().__init__(world, index, cfg, cost, queue)
         self.running: dict = {}  # rid -> request, admission order (newest last)
+        self.mixed = None
 
     # ------------------------------------------------------------------ called by the world
     def enqueue(self, req) -> None:
@@ -204,8 +206,8 @@ class Continuous(EngineBase):
         if self.seg and self.ff and self.env.now > self.t:
             extra = self._done_by(self.env.now) - self.seg_i
         if extra:
-            n = len(self.dec)
-            self.itl_buf.extend((self.A, self.B, self.seg_i, extra, n))
+            if self.ns:
+                self.itl_buf.extend((self.A, self.B, self.seg_i, extra, self.ns))
             tick, T = self.tick + extra, self._T(self.seg_i + extra)
             for r in self.dec.values():
                 r.generated = tick - r.dec_base
@@ -249,40 +251,66 @@ class Continuous(EngineBase):
         return st
 
     # ------------------------------------------------------------------ the loop
-    def loop(self):
-        env = self.env
-        while True:
-            if not self.running and self._head()[0] is None:
-                self.seg = False
-                yield self.idle()
-                self.t = env.now
-                continue
-            mixed = self._schedule()
-            if mixed is not None:
-                T = self.t + mixed[0]
-                yield self._at(T)
-                self._after_mixed(T, mixed)
-                continue
-            if not self.dec:  # pragma: no cover - admission into an empty engine always succeeds
-                raise RuntimeError("continuous engine: nothing to run but requests are waiting")
-            if not self.seg:  # a new segment: step i of it lasts A + B*i
-                n = len(self.dec)
-                self.t0 = self.t
-                self.A = self.cost.step_time(0, 0, n, self.sum_c + n)
-                self.B = self.slope * n
-                self.seg_i = 0
-                self.seg = True
-            if not self.ff:
-                yield self._at(self._T(self.seg_i + 1))
-                self._apply(1)
-                continue
-            end = self.seg_i + self._plan()
-            self.ff_end = end
-            self.ff_tmo = self._at(self._T(end))
-            self.ff_wait = True  # enqueue()/dropped() may cut the segment short: an arrival that could join
-            yield self.ff_tmo
+    # The loop is a callback, not a SimPy process: each wait is an event whose callback is _resume, and
+    # `waiting` says what the wait was for. A generator process would cost a resume (send, target
+    # bookkeeping) per boundary, ~2.3 per request; the events and their order in SimPy's queue are the
+    # same as the generator loop's (it started with an urgent event, each wait was made where it yielded).
+    # waiting: -1 start, 0 idle, 1 a step with prefill chunks, 2 one decode step, 3 a fast-forward segment.
+
+    def _start(self):
+        ev = _Wait()
+        ev.callbacks.append(self._resume)
+        self.waiting = -1
+        self.env.schedule(ev, URGENT)
+
+    def _resume(self, _):
+        w = self.waiting
+        if w == 3:  # a fast-forward segment (maybe cut short by _cut) ended
             self.ff_wait = False
             self._apply(self.ff_end - self.seg_i)
+        elif w == 1:
+            T, mixed = self.mixed
+            self.mixed = None
+            self._after_mixed(T, mixed)
+        elif w == 2:
+            self._apply(1)
+        elif w == 0:
+            self.t = self.env.now
+        self._next()
+
+    def _next(self):
+        """At a boundary: schedule the next step, or a run of steps, or go idle; wait for its end."""
+        if not self.running and self._head()[0] is None:
+            self.seg = False
+            self.waiting = 0
+            self.idle().callbacks.append(self._resume)
+            return
+        mixed = self._schedule()
+        if mixed is not None:
+            T = self.t + mixed[0]
+            self.mixed = (T, mixed)
+            self.waiting = 1
+            self._at(T).callbacks.append(self._resume)
+            return
+        if not self.dec:  # pragma: no cover - admission into an empty engine always succeeds
+            raise RuntimeError("continuous engine: nothing to run but requests are waiting")
+        if not self.seg:  # a new segment: step i of it lasts A + B*i
+            n = len(self.dec)
+            self.t0 = self.t
+            self.A = self.cost.step_time(0, 0, n, self.sum_c + n)
+            self.B = self.slope * n
+            self.seg_i = 0
+            self.seg = True
+        if not self.ff:
+            self.waiting = 2
+            self._at(self._T(self.seg_i + 1)).callbacks.append(self._resume)
+            return
+        end = self.seg_i + self._plan()
+        self.ff_end = end
+        tmo = self.ff_tmo = self._at(self._T(end))
+        tmo.callbacks.append(self._resume)
+        self.waiting = 3
+        self.ff_wait = True  # enqueue()/dropped() may cut the segment short: an arrival that could join
 
     def _wake(self):
         """An arrival (or a queue change) that could join: stop fast-forwarding at the next boundary."""
@@ -306,10 +334,8 @@ class Continuous(EngineBase):
             self.ff_end = j
             old = self.ff_tmo
             tmo = self.ff_tmo = self._at(self._T(j))
-            resume = self.proc._resume
-            old.callbacks.remove(resume)
-            tmo.callbacks.append(resume)
-            self.proc._target = tmo
+            old.callbacks.clear()  # it stays in SimPy's queue, with nothing to call
+            tmo.callbacks.append(self._resume)
 
     def _at(self, T):
         """A timeout that lands exactly on canonical time T (SimPy adds now + delay)."""
@@ -320,7 +346,7 @@ class Continuous(EngineBase):
             if now + d2 == T:
                 d = d2
         ev = _Wait()
-        self.env.schedule(ev, NORMAL, d if d > 0 else 0.0)
+        heappush(self.env._queue, (now + (d if d > 0 else 0.0), NORMAL, next(self.env._eid), ev))  # env.schedule()
         return ev
 
     # ------------------------------------------------------------------ scheduling at a boundary
@@ -409,7 +435,10 @@ class Continuous(EngineBase):
 
     def _admit(self, chunks, budget):
         kv, bs, S, running, world = self.kv, self.bs, self.S, self.running, self.world
+        queue, long_q = self.queue, self.long_q
         while budget > 0 and len(running) < S:
+            if not len(queue) and (long_q is None or not len(long_q)):
+                break
             r, q = self._head()
             if r is None:
                 break
@@ -476,10 +505,13 @@ class Continuous(EngineBase):
         if n:
             self.sum_c += n
             self._gap(tick, d)
+            ns = self.ns
             if self.ff:
-                self.itl_buf.extend((d, 0, 0, 1, n))
+                if ns:
+                    self.itl_buf.extend((d, 0, 0, 1, ns))
             else:
-                world.add_itl(d, n)
+                if ns:
+                    world.add_itl(d, ns)
                 self._touch(tick, T)
             if world.token_listener is not None:
                 world.emit(list(self.dec.values()), (T,))
@@ -507,9 +539,9 @@ class Continuous(EngineBase):
             r.batch_size = nseq
         else:  # recomputed after a preemption: the client saw nothing since its last token
             gap = T - r.last_token
-            if self.ff:
+            if r.stream and self.ff:
                 self.itl_buf.extend((gap, 0, 0, 1, 1))
-            else:
+            elif r.stream:
                 self.world.add_itl(gap, 1)
             if gap > r.itl_max:
                 r.itl_max = gap
@@ -531,6 +563,8 @@ class Continuous(EngineBase):
             self.sum_c += r.computed
             self.dec_blocks += r.blocks
             self.dec[r.rid] = r
+            if r.stream:
+                self.ns += 1
             heappush(self.fin, (base + r.target, r.rid, base, r))
             if self.ff:
                 heappush(self.dlh, (r.deadline, r.rid, base, r))
@@ -588,10 +622,12 @@ class Continuous(EngineBase):
                 d = dd
                 break
             heappop(dlh)
-        for r in self.pw.values():
-            if r.deadline < d:
-                d = r.deadline
-        if d < INF and d < self._T(self.seg_i + k):
+        if self.pw:
+            for r in self.pw.values():
+                if r.deadline < d:
+                    d = r.deadline
+        i = self.seg_i + k
+        if d < INF and d < self.t0 + (i * self.A + self.B * (i * (i - 1) // 2)):  # _T(i)
             if d <= self.t:
                 i = self.seg_i + 1
             else:
@@ -647,13 +683,16 @@ class Continuous(EngineBase):
         bsz = self.batch_sizes
         bsz[n] = bsz.get(n, 0) + k
         world = self.world
+        ns = self.ns
         if self.ff:
-            buf = self.itl_buf
-            buf.extend((A, B, i0, k, n))
-            if len(buf) >= ITL_FLUSH:
-                self._flush_itl()
+            if ns:
+                buf = self.itl_buf
+                buf.extend((A, B, i0, k, ns))
+                if len(buf) >= ITL_FLUSH:
+                    self._flush_itl()
         else:
-            world.add_itl(A + B * i0, n)
+            if ns:
+                world.add_itl(A + B * i0, ns)
             self._touch(tick, T)
         if world.token_listener is not None:
             world.emit(list(dec.values()), [self._T(i) for i in range(i0 + 1, i1 + 1)])
@@ -706,6 +745,8 @@ class Continuous(EngineBase):
         dec = self.dec
         del dec[rid]
         del self.running[rid]
+        if r.stream:
+            self.ns -= 1
         base, P, bs = r.dec_base, r.prompt, self.bs
         g = self.tick - base
         c = P + g - 1
@@ -735,6 +776,12 @@ class Continuous(EngineBase):
 
     def _prune_pre(self):
         running = self.running
+        pre = self.pre
+        if len(pre) == 1 and self.long_q is None:  # the common case: one prompt prefilling
+            r = pre[0]
+            if r.rid not in running or r.computed >= r.prefill_to:
+                self.pre = []
+            return
         self.pre = [r for r in self.pre if r.rid in running and r.computed < r.prefill_to]
         if self.long_q is not None:
             thr = self.long_thr

@@ -223,8 +223,9 @@ class LlamaCpp(EngineBase):
             if dt > r.itl_max:
                 r.itl_max = dt
             got.append(r)
-        if decs:
-            world.add_itl(dt, len(decs))
+        ns = sum(slots[s].stream for s in decs)  # a client sees inter-token gaps only in a stream
+        if ns:
+            world.add_itl(dt, ns)
         for s, c in chunks:
             r = slots[s]
             r.prefilled += c
@@ -262,7 +263,9 @@ class LlamaCpp(EngineBase):
             yield env.timeout(max(0.0, end - env.now))
         times = times[:k]
         self._account(t0, end, k, n, n, 0)
-        world.add_itl(times, n)
+        ns = sum(r.stream for r in rs)
+        if ns:
+            world.add_itl(times, ns)
         mx = float(times.max())
         for r in rs:
             r.generated += k
