@@ -10,6 +10,8 @@ Each case runs in a fresh Python process so its peak RSS is its own. Wall time c
     python bench/sim_speed.py --quick         # 20,000 requests per case
     python bench/sim_speed.py --requests 1000000 --replicas 8 --load moderate
     python bench/sim_speed.py --no-fast-forward --quick   # the same, one SimPy event per engine step
+    python bench/sim_speed.py --spine --quick   # every request refused by the gateway's rate limit: what the
+                                                # path without any engine work costs (arrival, gateway, record)
 
 Loads are per replica: low 2 req/s, moderate 6 req/s (the replica runs ~40 sequences at once), saturating
 14 req/s (more than a replica serves: the gateway's queue cap of 256 per replica refuses the excess).
@@ -29,8 +31,11 @@ LENGTHS = ROOT / "tests" / "data" / "traces" / "azure_conv_head2000.csv"
 LOADS = {"low": 2.0, "moderate": 6.0, "saturating": 14.0}
 
 
-def scenario(load: str, replicas: int, requests: int, fast_forward: bool) -> dict:
+def scenario(load: str, replicas: int, requests: int, fast_forward: bool, spine: bool = False) -> dict:
     rate = LOADS[load] * replicas
+    gateway = {"max_queue": 256 * replicas}
+    if spine:
+        gateway["rate_limit"] = {"rate": 1e-3, "burst": 1}  # one request admitted, the rest answered 429
     return {
         "name": f"bench_{load}_{replicas}", "seed": 1, "num_requests": requests,
         "workload": {"classes": [{
@@ -38,7 +43,7 @@ def scenario(load: str, replicas: int, requests: int, fast_forward: bool) -> dic
             "prompt_tokens": {"type": "empirical", "path": str(LENGTHS), "column": "ContextTokens"},
             "output_tokens": {"type": "empirical", "path": str(LENGTHS), "column": "GeneratedTokens"},
             "timeout_s": 600}]},
-        "gateway": {"max_queue": 256 * replicas},
+        "gateway": gateway,
         "engine": {"type": "continuous", "profile": "default", "max_num_seqs": 256,
                    "max_num_batched_tokens": 8192, "fast_forward": fast_forward},
         "cluster": {"replicas": replicas, "router": "least_outstanding"},
@@ -85,6 +90,7 @@ def main() -> None:
     ap.add_argument("--load", choices=sorted(LOADS), action="append", help="only these loads (repeatable)")
     ap.add_argument("--replicas", type=int, action="append", help="only these replica counts (default 1 and 8)")
     ap.add_argument("--no-fast-forward", action="store_true", help="one SimPy timeout per engine step")
+    ap.add_argument("--spine", action="store_true", help="the gateway refuses every request (no engine work)")
     ap.add_argument("--report", action="store_true", help="also write requests.csv + summary.json (timed apart)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -104,7 +110,7 @@ def main() -> None:
     print(head)
     for r in reps:
         for load in loads:
-            spec = scenario(load, r, n, not a.no_fast_forward)
+            spec = scenario(load, r, n, not a.no_fast_forward, a.spine)
             report = f"/tmp/sim_speed_{load}_{r}" if a.report else None
             proc = subprocess.run([sys.executable, __file__, "--child", json.dumps([spec, report])],
                                   capture_output=True, text=True, cwd=ROOT)

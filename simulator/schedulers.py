@@ -13,9 +13,12 @@ from .registry import Registry
 SCHEDULERS = Registry("scheduler")
 
 
-class _HeapQueue:
+class _HeapQueue(list):
+    """A heap of (key, seq, request). It is the list itself so that len() and truth tests, which the
+    engines make several times per request, are the list's own C calls rather than a Python __len__."""
+
     def __init__(self, cfg=None):
-        self.h: list = []
+        super().__init__()
         self.seq = 0
 
     def key(self, req):  # pragma: no cover - overridden
@@ -23,48 +26,40 @@ class _HeapQueue:
 
     def push(self, req):
         self.seq += 1
-        heapq.heappush(self.h, (self.key(req), self.seq, req))
+        heapq.heappush(self, (self.key(req), self.seq, req))
 
     def push_front(self, req):
         """Preempted requests go back with their original key (they keep their place)."""
         self.seq += 1
-        heapq.heappush(self.h, (self.key(req), -self.seq, req))
+        heapq.heappush(self, (self.key(req), -self.seq, req))
 
-    def pop(self):
-        return heapq.heappop(self.h)[2]
+    def pop(self):  # (replaces list.pop: a queue pops its head)
+        return heapq.heappop(self)[2]
 
     def peek(self):
-        return self.h[0][2]
-
-    def __len__(self):
-        return len(self.h)
+        return self[0][2]
 
     def __iter__(self):
-        return (x[2] for x in sorted(self.h))
+        return (x[2] for x in sorted(list.__iter__(self)))
+
+    __hash__ = object.__hash__  # a queue is one object, not a value
 
 
 @SCHEDULERS.register("fifo")
-class FIFO:
+class FIFO(deque):
+    """Arrival order. A deque itself, for the same reason as _HeapQueue."""
+
     def __init__(self, cfg=None):
-        self.q: deque = deque()
+        super().__init__()
 
-    def push(self, req):
-        self.q.append(req)
-
-    def push_front(self, req):
-        self.q.appendleft(req)
-
-    def pop(self):
-        return self.q.popleft()
+    push = deque.append
+    push_front = deque.appendleft
+    pop = deque.popleft  # (replaces deque.pop: a queue pops its head)
 
     def peek(self):
-        return self.q[0]
+        return self[0]
 
-    def __len__(self):
-        return len(self.q)
-
-    def __iter__(self):
-        return iter(self.q)
+    __hash__ = object.__hash__
 
 
 @SCHEDULERS.register("priority")
