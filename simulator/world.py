@@ -122,7 +122,7 @@ class World:
         return req
 
     def submit(self, req: Request) -> None:
-        now = self.env.now
+        now = self.env._now  # (env.now is a property: a Python call; this runs per request)
         self.inflight += 1
         rejected = self.gateway.admit(req, now, self.queued)
         if rejected is not None:
@@ -205,10 +205,10 @@ class World:
         def run(i):
             while i < n:
                 t = ts[i]
-                if t > env.now:
+                if t > env._now:
                     nxt[0] = i
                     tick.callbacks = [resume]
-                    schedule(tick, NORMAL, t - env.now)
+                    schedule(tick, NORMAL, t - env._now)
                     return
                 submit(make(i, cls[i], t, pr[i], out[i], mx[i], hashes[i]))
                 i += 1
