@@ -318,6 +318,9 @@ class Scenario(Strict):
         if self.duration_s is None and self.num_requests is None:
             if not all(isinstance(c.arrival, Trace) and c.arrival.limit for c in self.workload.classes):
                 raise ValueError("a stop condition is needed: duration_s and/or num_requests")
+        if self.duration_s is not None and self.warmup_s >= self.duration_s:
+            raise ValueError(f"warmup_s: {self.warmup_s:g} s is not below duration_s ({self.duration_s:g} s): "
+                             "every request would be excluded from the statistics")
         users = {u.id for u in self.tenants.users}
         models = {m.name for m in self.tenants.models}
         for i, c in enumerate(self.workload.classes):

@@ -31,6 +31,7 @@ CASES = [
     ("unknown_key", arrival(type="poisson", rate=2, burstiness=3), [], "scenario.yaml",
      "workload.classes[0].arrival.burstiness", "unknown key"),
     ("unknown_top_key", {**BASE, "replica": 2}, [], "scenario.yaml", "replica", "unknown key"),
+    ("warmup_covers_run", {**BASE, "warmup_s": 2}, [], "scenario.yaml", "warmup_s", "not below duration_s"),
     ("wrong_type", arrival(type="poisson", rate="fast"), [], "scenario.yaml",
      "workload.classes[0].arrival.rate", "valid number"),
     ("negative_rate", arrival(type="poisson", rate=-2), [], "scenario.yaml",
