@@ -204,6 +204,28 @@ def test_preemption_exactly_when_blocks_run_out_and_the_preempted_request_finish
     assert b["e2e_s"] > a["e2e_s"] and b["itl_max_s"] > 40 * a["itl_max_s"]  # b's client waited ~50 steps
 
 
+@pytest.mark.parametrize("policy,victim", [("fifo", "vip"), ("priority", "low"), ("priority_aging", "low")])
+@pytest.mark.parametrize("ff", [True, False])
+def test_preemption_takes_the_newest_under_fifo_and_the_lowest_ranked_under_priority(policy, victim, ff):
+    # low (priority 2) is admitted at t=0, vip (priority 0) ~50 ms later; the 10 blocks run out while both
+    # decode. FCFS preempts the newest (vip); a priority scheduler preempts the request it ranks last (low),
+    # as vLLM's priority policy does, although low is the older one.
+    length = {"prompt_tokens": {"type": "fixed", "value": 32}, "output_tokens": {"type": "fixed", "value": 100}}
+    sc = scenario([{"name": "low", "priority": 2, "arrival": {"type": "constant", "rate": 0.01}, **length},
+                   {"name": "vip", "priority": 0, **length,
+                    "arrival": {"type": "piecewise", "points": [[0, 0], [0.05, 0], [0.0500001, 1e6], [10, 1e6]]}}],
+                  {"num_blocks": 10, "block_size": 16, "fast_forward": ff}, num_requests=2,
+                  scheduler={"policy": policy})
+    recs, (e,), _ = run(sc, check=True)
+    by = {r["class_name"]: r for r in recs.values()}
+    assert by["low"]["arrival_s"] == 0.0 and by["vip"]["arrival_s"] > 0.05
+    assert e.preemptions == 1 and {c: r["preemptions"] for c, r in by.items()} == {
+        "low": int(victim == "low"), "vip": int(victim == "vip")}
+    assert all(r["outcome"] == "ok" and r["output_tokens"] == 100 for r in recs.values())
+    other = "vip" if victim == "low" else "low"
+    assert by[victim]["end_s"] > by[other]["end_s"]  # the victim recomputes after the other finishes
+
+
 def test_a_request_too_large_for_the_cache_gets_http_error():
     sc = scenario([{"name": "small", "arrival": {"type": "constant", "rate": 2},
                     "prompt_tokens": {"type": "fixed", "value": 100}, "output_tokens": {"type": "fixed", "value": 50}},

@@ -4,14 +4,17 @@ Each step (one forward pass):
 - Running requests go first, in admission order: every decoding sequence gets one token; a request
   still prefilling gets a chunk of what is left of `max_num_batched_tokens`. vLLM gets "decodes first"
   from this order, since only the newest admission can still be mid-prefill.
-- KV blocks for the step are reserved before it runs. When there are not enough, the newest running
-  request is preempted by recompute (vLLM's default): its blocks are freed, it goes back to the front of
-  the waiting queue, and later prefills its prompt plus the tokens it had generated (the prefix cache may
-  still hold part of it). No new request is admitted in a step that preempted.
+- KV blocks for the step are reserved before it runs. When there are not enough, a running request is
+  preempted by recompute (vLLM's default): its blocks are freed, it goes back to the front of the waiting
+  queue, and later prefills its prompt plus the tokens it had generated (the prefix cache may still hold
+  part of it). No new request is admitted in a step that preempted. The victim is the newest request
+  under `fifo` (vLLM's FCFS policy), else the one the scheduler ranks last (vLLM's priority policy takes
+  the largest (priority, arrival time); `priority_aging` and `sjf` use their own keys), newest on a tie.
 - Then waiting requests are admitted, head of the queue first, while the token budget, `max_num_seqs`
   and free blocks allow. A prefix-cache hit counts as computed; at least one prompt token is always
   computed. Without `chunked_prefill`, a prompt must fit whole into the step's remaining budget and the
-  head of the queue waits until it does (head-of-line; vLLM v1 would let later, smaller prompts pass).
+  head of the queue waits until it does, as vLLM v1's scheduler stops admitting at a waiting prompt
+  that does not fit the remaining budget when chunked prefill is off (some releases skipped past it).
 - `long_prefill_threshold` (optional): prompts of at least this many tokens wait in a separate queue, and
   at most one of them is prefilling at any time (vLLM v0's `max_long_partial_prefills=1`, as in control
   planes that split small and large prefill queues). Short prompts are admitted first; a long one is
@@ -395,7 +398,7 @@ class Continuous(EngineBase):
         preempted = need > kv.available()
         self.preempted_now = preempted  # admission waits a step: the next boundary must be looked at
         while need > kv.available():
-            r = self.running[next(reversed(self.running))]
+            r = self._victim()
             if r.rid in dec:
                 if (self.tick - r.dec_base - 1 + r.prompt) % bs == 0:
                     need -= 1
@@ -403,10 +406,12 @@ class Continuous(EngineBase):
                 budget += 1
                 self._leave(r)
             else:
-                if chunks and chunks[-1][0] is r:
-                    _, ch, nb = chunks.pop()
-                    need -= nb
-                    budget += ch
+                for i, (cr, ch, nb) in enumerate(chunks):  # its chunk in this step, if it has one
+                    if cr is r:
+                        del chunks[i]
+                        need -= nb
+                        budget += ch
+                        break
                 self._drop_pre(r)
             self._requeue(r)
         if need:
@@ -428,6 +433,19 @@ class Continuous(EngineBase):
             pattn += ch * (r.computed + ch)
         self.seg = False
         return self.cost.step_time(ptok, pattn, n, self.sum_c + n), chunks, n
+
+    def _victim(self):
+        """The running request to preempt: the newest, or with a ranking scheduler the one it ranks last."""
+        running = self.running
+        key = getattr(self.queue, "key", None)
+        if key is None:
+            return running[next(reversed(running))]
+        worst = wk = None
+        for r in reversed(running.values()):  # newest first: a tie keeps the newest
+            k = key(r)
+            if worst is None or k > wk:
+                worst, wk = r, k
+        return worst
 
     def _admit(self, chunks, budget):
         kv, bs, S, running, world = self.kv, self.bs, self.S, self.running, self.world
