@@ -25,6 +25,8 @@ is kept only if the replayed step reproduces the eager logits.
 
     python bench/gpu_steps.py --out $OUT/steps.csv               # real shape, ~7 min on an H100
     python bench/gpu_steps.py --merge run1.csv run2.csv --out steps.csv
+    python bench/gpu_steps.py --merge runs/run4_graph_decode.csv runs/run5_graph_decode.csv steps.csv \
+        --kinds decode_graph,prefill,chunk --min-prefill-tokens 1024 --out steps_graph.csv
     python bench/gpu_steps.py --tiny --passes 1 --out /tmp/s.csv   # CPU smoke test of the harness
 """
 from __future__ import annotations
@@ -40,7 +42,10 @@ import sys
 import time
 from pathlib import Path
 
-import torch
+try:
+    import torch
+except ImportError:  # --merge needs no torch
+    torch = None
 
 COLUMNS = ("prefill_tokens", "prefill_attn", "n_decode", "decode_ctx", "time_s",
            "kind", "batch", "prompt_len", "context_len", "repeats", "passes", "time_min_s", "time_max_s", "wall_s",
@@ -255,15 +260,20 @@ def write_rows(path, rows, feats, pooled, const):
                             pass_medians_ms=";".join(f"{m * 1e3:.2f}" for m in meds), **const))
 
 
-def merge(paths, out):
+def merge(paths, out, kinds=None, min_prefill_tokens=0):
     """Combine runs of this script: one row per configuration, time_s the median of every run's per-pass
     medians. The host CPU's speed drifts over minutes and eager steps are CPU-bound, so a median over
     passes spread across runs is steadier than any one pass. A CSV without pass_medians_ms (one pass)
-    counts its time_s as one pass."""
+    counts its time_s as one pass. `kinds` keeps only those step kinds; `min_prefill_tokens` drops
+    prefill and chunk rows below that many tokens (eager ones are CPU-launch bound)."""
     rows, order = {}, []
     for path in paths:
         with open(path, newline="") as fh:
             for r in csv.DictReader(fh):
+                if kinds is not None and r["kind"] not in kinds:
+                    continue
+                if r["kind"] in ("prefill", "chunk") and int(r["prefill_tokens"]) < min_prefill_tokens:
+                    continue
                 key = (r["kind"], r["batch"], r["prompt_len"], r["context_len"])
                 meds = ([float(m) / 1e3 for m in r["pass_medians_ms"].split(";")] if r.get("pass_medians_ms")
                         else [float(r["time_s"])])
@@ -306,9 +316,15 @@ def main(argv=None):
     ap.add_argument("--no-graph", action="store_true", help="skip the CUDA-graph decode pass")
     ap.add_argument("--merge", type=Path, nargs="+", metavar="CSV",
                     help="no timing: combine CSVs of earlier runs into --out (median of per-pass medians)")
+    ap.add_argument("--kinds", help="with --merge: keep only these step kinds (comma-separated)")
+    ap.add_argument("--min-prefill-tokens", type=int, default=0,
+                    help="with --merge: drop prefill and chunk rows below this many tokens")
     args = ap.parse_args(argv)
     if args.merge:
-        return merge(args.merge, args.out)
+        return merge(args.merge, args.out, set(args.kinds.split(",")) if args.kinds else None,
+                     args.min_prefill_tokens)
+    if torch is None:
+        raise SystemExit("bench/gpu_steps.py: timing steps needs torch and transformers (only --merge runs without)")
     args.device = "cpu" if args.tiny else "cuda"
     import transformers
 

@@ -14,7 +14,7 @@ from simulator import profile_sources as ps
 
 SHIPPED = {"default", "llama2-70b_h100_tp8_splitwise", "llama2-70b_a100_tp4_splitwise",
            "opt-13b_a100_tp1_distserve-vllm", "opt-66b_a100_tp4_distserve-vllm", "llama2-7b_h100_tp1_vidur",
-           "llama3-8b_h100_tp1_hf"}
+           "llama3-8b_h100_tp1_hf", "llama3-8b_h100_tp1_graph"}
 
 
 @pytest.mark.parametrize("name", sorted(SHIPPED))
