@@ -41,6 +41,30 @@ def dist(values, weights=None) -> dict:
             **{f"p{p}": _r(x) for p, x in zip(PCTS, ps)}, "max": _r(v.max())}
 
 
+def group_percentile(groups, values, q) -> tuple[list, list]:
+    """(g, np.percentile(values[groups == g], q)) for every group g present, in one sort instead of a
+    pass over all values per group (which made a long run's per-second series quadratic). numpy's
+    "linear" method step for step: virtual index (n - 1) * q / 100, and its two-sided lerp."""
+    groups = np.asarray(groups)
+    values = np.asarray(values, dtype=float)
+    if values.size == 0:
+        return [], []
+    order = np.lexsort((values, groups))
+    g, v = groups[order], values[order]
+    starts = np.flatnonzero(np.r_[True, g[1:] != g[:-1]])
+    n = np.diff(np.r_[starts, g.size])
+    virtual = (n - 1) * (q / 100)
+    prev = np.floor(virtual)
+    gamma = virtual - prev
+    lo = starts + prev.astype(np.intp)
+    a, b = v[lo], v[np.minimum(lo + 1, starts + n - 1)]
+    diff = b - a
+    out = a + diff * gamma
+    upper = gamma >= 0.5
+    out[upper] = (b - diff * (1 - gamma))[upper]
+    return g[starts].tolist(), out.tolist()
+
+
 def jain(xs) -> float | None:
     xs = np.asarray([x for x in xs if x is not None and np.isfinite(x)], dtype=float)
     if xs.size == 0 or (xs ** 2).sum() == 0:
@@ -156,9 +180,8 @@ def timeseries(df: pd.DataFrame, series: dict | None, bin_s: float = 1.0) -> dic
           "output_tokens": np.histogram(ok["end_s"], bins=edges, weights=ok["output_tokens"])[0].astype(int).tolist()}
     idx = np.clip((ok["end_s"].to_numpy(dtype=float) // bin_s).astype(int), 0, nb - 1)
     p95 = [None] * nb
-    ttft = ok["ttft_s"].to_numpy(dtype=float)
-    for b in np.unique(idx):
-        p95[int(b)] = _r(np.percentile(ttft[idx == b], 95))
+    for b, x in zip(*group_percentile(idx, ok["ttft_s"].to_numpy(dtype=float), 95)):
+        p95[b] = _r(x)
     ts["ttft_p95"] = p95
     if series:
         for k in ("queued", "running", "level", "kv_util"):
