@@ -81,6 +81,13 @@ def markdown(s: dict, title: str, plots: bool = True) -> str:
     return "\n".join(L) + "\n"
 
 
+def _thin(n: int, most: int) -> np.ndarray:
+    """Indices of at most `most` evenly spread items of n, always the first and the last."""
+    if n <= most:
+        return np.arange(n)
+    return np.unique(np.linspace(0, n - 1, most).round().astype(int))
+
+
 def write_plots(out: Path, df: pd.DataFrame, s: dict) -> None:
     import matplotlib
     matplotlib.use("Agg")
@@ -90,7 +97,9 @@ def write_plots(out: Path, df: pd.DataFrame, s: dict) -> None:
     fig, ax = plt.subplots(figsize=(6, 4))
     for cls, g in ok.groupby("class_name", sort=True):
         x = np.sort(g["ttft_s"].to_numpy() * 1000)
-        ax.plot(x, np.arange(1, x.size + 1) / x.size, label=str(cls))
+        y = np.arange(1, x.size + 1) / x.size
+        keep = _thin(x.size, 4000)  # a drawn CDF needs no more points; long runs have millions
+        ax.plot(x[keep], y[keep], label=str(cls))
     ax.set(xlabel="TTFT (ms)", ylabel="CDF", title="TTFT CDF per class")
     ax.legend(fontsize=7) if len(ok) else None
     fig.tight_layout(); fig.savefig(out / PLOTS[0], dpi=90); plt.close(fig)
@@ -99,7 +108,9 @@ def write_plots(out: Path, df: pd.DataFrame, s: dict) -> None:
     fig, ax = plt.subplots(figsize=(7, 4))
     if ts.get("t"):
         ax.plot(ts["t"], [np.nan if v is None else v * 1000 for v in ts["ttft_p95"]], label="TTFT p95 (ms)")
-        ax.scatter(ok["end_s"], ok["e2e_s"] * 1000, s=2, alpha=0.3, color="gray", label="E2E per request (ms)")
+        dots = ok.iloc[_thin(len(ok), 20000)]  # every request up to 20k, else an even sample of them
+        ax.scatter(dots["end_s"], dots["e2e_s"] * 1000, s=2, alpha=0.3, color="gray",
+                   label="E2E per request (ms)" if len(dots) == len(ok) else f"E2E, {len(dots):,} of {len(ok):,} requests (ms)")
     ax.set(xlabel="time (s)", ylabel="ms", title="Latency over time"); ax.legend(fontsize=7)
     fig.tight_layout(); fig.savefig(out / PLOTS[1], dpi=90); plt.close(fig)
 
