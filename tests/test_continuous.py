@@ -226,6 +226,38 @@ def test_preemption_takes_the_newest_under_fifo_and_the_lowest_ranked_under_prio
     assert by[victim]["end_s"] > by[other]["end_s"]  # the victim recomputes after the other finishes
 
 
+def test_priority_preemption_under_load_keeps_blocks_consistent_and_picks_the_lowest_ranked():
+    """Many preemptions, prefilling victims among them (chunked prefill, long-prompt queue, prefix cache):
+    every victim is a running request the scheduler ranks last, and the block accounting holds each step."""
+    sc = scenario([{"name": "vip", "priority": 0, "arrival": {"type": "poisson", "rate": 6},
+                    "prompt_tokens": {"type": "lognormal", "mean": 900, "sigma": 0.8, "max": 3000},
+                    "output_tokens": {"type": "lognormal", "mean": 150, "sigma": 0.8, "max": 800},
+                    "prefix": {"groups": 3, "tokens": 256, "share": 0.5, "block_tokens": 32}, "timeout_s": 30},
+                   {"name": "bulk", "priority": 3, "arrival": {"type": "poisson", "rate": 10},
+                    "prompt_tokens": {"type": "uniform", "low": 500, "high": 4000},
+                    "output_tokens": {"type": "uniform", "low": 20, "high": 400}, "timeout_s": 30}],
+                  {"num_blocks": 600, "prefix_caching": True, "max_num_seqs": 32, "max_num_batched_tokens": 1024,
+                   "long_prefill_threshold": 2500}, num_requests=400, scheduler={"policy": "priority"})
+    w = World(sc)
+    (e,) = [r.engine for r in w.replicas]
+    _check_invariants(e)
+    victims = []
+    pick = e._victim
+
+    def watched():
+        r = pick()
+        key = e.queue.key
+        assert key(r) == max(key(x) for x in e.running.values())
+        victims.append("decoding" if r.rid in e.dec else "prefilling")
+        return r
+    e._victim = watched
+    res = w.run()
+    assert len(victims) == e.preemptions > 20 and {"decoding", "prefilling"} <= set(victims)
+    recs = [record(row) for row in res.rows]
+    assert {r["outcome"] for r in recs if r["preemptions"]} <= {"ok", "timeout"}
+    assert e.kv.used() == 0
+
+
 def test_a_request_too_large_for_the_cache_gets_http_error():
     sc = scenario([{"name": "small", "arrival": {"type": "constant", "rate": 2},
                     "prompt_tokens": {"type": "fixed", "value": 100}, "output_tokens": {"type": "fixed", "value": 50}},
