@@ -114,6 +114,43 @@ def profiles():
     Console().print(t)
 
 
+@app.command()
+@friendly
+def sweep(scenario: Path = typer.Argument(..., help="scenario YAML"),
+          grid: Optional[List[str]] = typer.Option(
+              None, "--grid", "-g", help="an axis: path=v1,v2,... or path=[v1, v2] (YAML values); repeatable, "
+                                         "points are the Cartesian product"),
+          out: Optional[Path] = typer.Option(None, "--out", help="output folder (default reports/sweep_<name>)"),
+          seed: Optional[int] = typer.Option(None, "--seed", help="override the scenario's seed (all points)"),
+          set_: Optional[List[str]] = typer.Option(None, "--set", help="override a field at every point: path=value"),
+          jobs: int = typer.Option(1, "--jobs", "-j", min=1, help="points simulated at once (processes)"),
+          plots: bool = typer.Option(False, "--plots", help="also draw each point's PNG plots"),
+          quiet: bool = typer.Option(False, "--quiet", "-q")):
+    """Run SCENARIO at every point of a grid of overrides; write sweep.csv, sweep.md and one report per point."""
+    from .scenario import load_scenario
+    from .sweep import sweep as run_sweep
+    sc = load_scenario(scenario, set_, seed)
+    out = out or default_out(f"sweep_{sc.name}")
+    check_out_dir(out)
+
+    def progress(k, n):
+        if not quiet:
+            console.print(f"point {k}/{n} done")
+    axes, rows = run_sweep(scenario, grid or [], out, set_, seed, jobs, plots, progress)
+    if not quiet:
+        from rich.table import Table
+        t = Table(title=f"sweep of {sc.name} (overall; ms)")
+        for col in (*axes, "ok/gen", "rejected", "TTFT p95", "TPOT p95", "E2E p95", "goodput/s"):
+            t.add_column(col, justify="right")
+        for r in rows:
+            if r["scope"] == "overall":
+                t.add_row(*(str(r[a]) for a in axes), f"{r['ok']}/{r['generated']}", str(r["rejected"]),
+                          *(("–" if r[m] is None else f"{r[m] * 1000:.1f}") for m in ("ttft_p95_s", "tpot_p95_s", "e2e_p95_s")),
+                          str(r["goodput_per_s"]))
+        Console().print(t)
+    print(f"sweep: {out}/sweep.md")
+
+
 def _register_optional():
     """Commands whose modules land separately (compare, serve, calibrate)."""
     for mod in ("compare_cli", "serve_cli", "calibrate_cli"):

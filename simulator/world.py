@@ -1,8 +1,8 @@
 """The SimPy world: arrivals -> gateway -> router -> scheduler -> engine -> record.
 
-Requests are plain objects moved by a few long-lived processes (arrivals, closed-loop users, a
-timeout reaper, a 1 s monitor, one engine loop per replica): a process per request would cap
-the simulator's speed.
+Requests are plain objects moved by a few long-lived processes and event callbacks (arrivals,
+closed-loop users, a timeout reaper, a 1 s monitor, one engine loop per replica): a process per
+request would cap the simulator's speed.
 """
 from __future__ import annotations
 
