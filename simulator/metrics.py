@@ -90,11 +90,14 @@ def counts(df: pd.DataFrame, by: str) -> dict:
     return out
 
 
-def summarize(df: pd.DataFrame, scenario, itl=None, series=None, source: str = "sim", extra: dict | None = None) -> dict:
-    """The summary.json content. `itl` is (gaps, weights) pooled over requests; None -> from itl columns."""
+def summarize(df: pd.DataFrame, scenario, itl=None, series=None, source: str = "sim", extra: dict | None = None,
+              origin: float = 0.0) -> dict:
+    """The summary.json content. `itl` is (gaps, weights) pooled over requests; None -> from itl columns.
+    The warm-up counts from `origin`: 0, the run's start, for the simulator and the stress tester; the twin
+    server passes its first arrival, since its clock starts with the server, not with the load."""
     warm = scenario.warmup_s
     all_df = df
-    df = df[df["arrival_s"] >= warm] if warm > 0 else df
+    df = df[df["arrival_s"] >= origin + warm] if warm > 0 else df
     ok = df[df["outcome"] == "ok"]
     start = float(df["arrival_s"].min()) if len(df) else 0.0
     end = float(ok["end_s"].max()) if len(ok) else start
@@ -137,7 +140,7 @@ def summarize(df: pd.DataFrame, scenario, itl=None, series=None, source: str = "
     summary = {
         "scenario": scenario.name, "seed": scenario.seed, "source": source,
         "window": {"start_s": _r(start), "end_s": _r(end), "duration_s": _r(span), "warmup_s": warm,
-                   "excluded_warmup": int(len(all_df) - len(df))},
+                   **({"warmup_from_s": _r(origin)} if origin else {}), "excluded_warmup": int(len(all_df) - len(df))},
         "requests": {"generated": int(len(df)), "ok": int(len(ok)),
                      "outcomes": {str(k): int(v) for k, v in df["outcome"].value_counts().sort_index().items()}},
         "outcomes_by_class": counts(df, "class_name"),

@@ -41,7 +41,8 @@ def _fmt(x, scale=1000.0):
 def markdown(s: dict, title: str, plots: bool = True) -> str:
     L = [f"# {title}: {s['scenario']} (seed {s['seed']}, source {s['source']})", ""]
     w = s["window"]
-    L += [f"Measured window {w['start_s']:.3f}–{w['end_s']:.3f} s ({w['duration_s']:.3f} s); warm-up {w['warmup_s']} s "
+    since = f" from the first request at {w['warmup_from_s']:.3f} s" if "warmup_from_s" in w else ""
+    L += [f"Measured window {w['start_s']:.3f}–{w['end_s']:.3f} s ({w['duration_s']:.3f} s); warm-up {w['warmup_s']} s{since} "
           f"excluded ({w['excluded_warmup']} requests). Latencies in ms; only `ok` requests enter them.", ""]
     r = s["requests"]
     L += ["## Outcomes", "", "| outcome | count | share |", "|---|---:|---:|"]

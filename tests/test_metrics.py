@@ -40,3 +40,21 @@ def test_timeseries_ttft_p95_per_second():
     for b, got in enumerate(ts["ttft_p95"]):
         sel = ok.ttft_s.to_numpy()[sec == b]
         assert got == (round(float(np.percentile(sel, 95)), 6) if sel.size else None)
+
+
+def test_warmup_counts_from_the_origin():
+    """The simulator's warm-up counts from t=0; the twin server's from its first request (its clock starts with
+    the server): with origin 5 and warmup_s 2, requests arriving before 7 s are left out."""
+    from simulator.metrics import summarize
+    from simulator.scenario import scenario_from_dict
+    sc = scenario_from_dict({"name": "w", "duration_s": 20, "warmup_s": 2,
+                             "workload": {"classes": [{"name": "a", "arrival": {"type": "poisson", "rate": 1}}]}})
+    arr = np.arange(5.0, 15.0)
+    df = pd.DataFrame({"arrival_s": arr, "end_s": arr + 0.5, "outcome": "ok", "class_name": "a", "priority": 1,
+                       "user": "u", "project": "p", "stream": 1, "prompt_tokens": 10, "output_tokens": 5,
+                       "queue_wait_s": 0.1, "ttft_s": 0.2, "tpot_s": 0.05, "e2e_s": 0.5, "batch_size": 1, "cost": 0.0})
+    plain = summarize(df, sc)
+    assert plain["window"]["excluded_warmup"] == 0 and "warmup_from_s" not in plain["window"]
+    twin = summarize(df, sc, origin=5.0)
+    assert twin["window"]["excluded_warmup"] == 2 and twin["window"]["warmup_from_s"] == 5.0
+    assert twin["requests"]["generated"] == 8 and twin["window"]["start_s"] == 7.0

@@ -590,6 +590,8 @@ def test_usage_persists_across_restart_and_report_on_shutdown(tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert len(rows) == 3 and {r["outcome"] for r in rows} == {"ok"}
     assert summary["source"] == "twin" and summary["requests"]["ok"] == 3 and (out / "report.md").exists()
+    # the warm-up (none here) counts from the first request: the server's own start is not the load's
+    assert summary["window"]["warmup_from_s"] == round(min(float(r["arrival_s"]) for r in rows), 6) > 0
 
     with twin_server(sc, usage_db=db) as url:
         run(send(url, "alice", 1))

@@ -127,8 +127,10 @@ class Twin:
                                                          "clock_max_lag_s": round(self.driver.max_lag, 6)}}
         if pool is not None:
             extra["model_pool"] = pool
-        return write_report(out, self.sc, res.rows, lambda df: summarize(df, self.sc, res.itl, res.series, "twin", extra),
-                            self.plots, title="sim serve")
+        def summary(df):  # the warm-up counts from the first request, not from the server's start
+            first = float(df["arrival_s"].min()) if len(df) else 0.0
+            return summarize(df, self.sc, res.itl, res.series, "twin", extra, origin=first)
+        return write_report(out, self.sc, res.rows, summary, self.plots, title="sim serve")
 
     # ---------------------------------------------------------------- requests
     def submit(self, call, headers, body: dict, prompt_hint: int | None = None, requested_max: int | None = None) -> Ticket:
