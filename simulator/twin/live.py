@@ -13,6 +13,7 @@ import heapq
 import numpy as np
 
 from ..world import World
+from .spool import RecordSpool
 
 
 class LiveWorld(World):
@@ -20,6 +21,7 @@ class LiveWorld(World):
         sc = sc.model_copy(deep=True)
         sc.engine.fast_forward = False
         super().__init__(sc)
+        self.rows = RecordSpool()  # finished records go to disk: a server may run for days
         self.on_start = None
         self.on_finish = None
         self.status_of = None  # outcome, req -> HTTP status, stored in the record

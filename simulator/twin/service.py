@@ -113,6 +113,7 @@ class Twin:
             self.summary = await loop.run_in_executor(None, self.write_report, Path(self.out))
         if self.usage is not None:
             await asyncio.get_running_loop().run_in_executor(None, self.usage.close)
+        self.world.rows.close()
         return self.summary
 
     def write_report(self, out: Path) -> dict:
