@@ -34,3 +34,18 @@ def test_itl_pools_only_streamed_requests(engine):
     assert streamed > 0 and whole > 0
     assert res.itl[1].sum() == streamed  # one gap per streamed token after the first, none for the others
     assert res.itl[0].min() > 0
+
+
+def test_pooled_gaps_are_the_same_when_packed_into_chunks(monkeypatch):
+    """Step by step (as the twin server runs) every engine step adds an entry; packing them into arrays
+    every ITL_CHUNK entries keeps memory flat and must not change the pooled gaps or their order."""
+    import numpy as np
+    import simulator.world as world
+    d = {"name": "chunks", "seed": 4, "num_requests": 300,
+         "engine": {"type": "continuous", "fast_forward": False, "profile": "default"},
+         "workload": {"classes": [{"name": "a", "arrival": {"type": "poisson", "rate": 8}}]}}
+    whole = simulate(scenario_from_dict(d)).itl
+    monkeypatch.setattr(world, "ITL_CHUNK", 7)
+    packed = simulate(scenario_from_dict(d)).itl
+    assert whole[0].size > 1000
+    assert np.array_equal(whole[0], packed[0]) and np.array_equal(whole[1], packed[1])
