@@ -79,13 +79,16 @@ def test_profile_reproduces_measured_steps_within_stated_error(name):
 
 @pytest.mark.parametrize("name", sorted(STEPS_OF))
 def test_profile_is_the_fit_of_the_shipped_steps(name):
-    """Refitting the CSV gives the YAML's coefficients, so neither was edited without the other."""
+    """Refitting the CSV reproduces the YAML's predictions and error, so neither was edited without the
+    other. Coefficients themselves are not compared: the data cannot separate some of them (e.g. the
+    per-step overhead from the weight-read term), so two fits can differ there with the same error."""
     profile = load_profile(name)
     _, refit, fit_meta = calibrate(STEPS_OF[name], name, gpu="H100-80GB", tp=1, model="llama-3-8b",
                                    kv_bytes_per_token=131072, weight_bytes=profile.weight_bytes)
-    for c in COEFFICIENTS:
-        assert getattr(refit, c) == pytest.approx(getattr(profile, c), rel=1e-3, abs=1e-12), c
-    assert fit_meta["mape_pct"] == profile.meta["fit"]["mape_pct"]
+    df = read_steps(STEPS_OF[name])
+    shipped, again = evaluate(profile, df), evaluate(refit, df)
+    np.testing.assert_allclose(again["predicted_s"].to_numpy(), shipped["predicted_s"].to_numpy(), rtol=2e-2)
+    assert fit_meta["mape_pct"] == pytest.approx(profile.meta["fit"]["mape_pct"], abs=0.05)
 
 
 def test_headline_steps(profile):
