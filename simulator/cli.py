@@ -152,8 +152,8 @@ def sweep(scenario: Path = typer.Argument(..., help="scenario YAML"),
 
 
 def _register_optional():
-    """Commands whose modules land separately (compare, serve, calibrate)."""
-    for mod in ("compare_cli", "serve_cli", "calibrate_cli"):
+    """Commands whose modules land separately (compare, serve, calibrate, replay)."""
+    for mod in ("compare_cli", "serve_cli", "calibrate_cli", "replay_cli"):
         try:
             __import__(f"simulator.{mod}")
         except ImportError as exc:

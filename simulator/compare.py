@@ -101,7 +101,7 @@ def _num(x):
     return None if math.isnan(x) or math.isinf(x) else x
 
 
-def _values(run: Run, scope: str) -> dict[str, float | None]:
+def _values(run: Run, scope: str, stats: tuple = STATS) -> dict[str, float | None]:
     """metric key ('ttft.p95', 'throughput.requests_per_s', 'outcomes.ok') -> value for one scope."""
     s = run.summary
     out: dict[str, float | None] = {}
@@ -116,7 +116,7 @@ def _values(run: Run, scope: str) -> dict[str, float | None]:
         if m == "itl" and scope != OVERALL:
             continue  # pooled ITL is a run-wide figure only
         d = lat.get(m) or {}
-        for st in STATS:
+        for st in stats:
             out[f"{m}.{st}"] = _num(d.get(st))
     for k in THROUGHPUT:
         out[f"throughput.{k}"] = tp.get(k)
