@@ -1,14 +1,16 @@
-"""A measured run folder (what `stress run` writes), read for `sim replay` and `sim calibrate`.
+"""A run folder's measured side files, as `stress run` writes them (README, "Run folders"):
 
-    requests.csv    the record schema of simulator/records.py (times in seconds from the run start)
-    client.csv      optional: request_id, closed_user, prompt_tokens_server, output_tokens_server,
-                    finish_reason, chunks
-    tokens.parquet  optional: request_id, t_s, n_tokens (one row per received stream chunk)
-    server.json     optional: {"kind", "facts", "start", "end", "samples": [{"t_s", "running", "waiting"}]}
-    scenario.yaml   the resolved scenario the run used
-    summary.json    the run's summary
+- `requests.csv`   the one record schema (simulator/records.py), one row per request;
+- `client.csv`     what only a client sees per request: closed-loop user, the server's own token counts
+                   (usage), finish reason, stream chunks;
+- `tokens.parquet` one row per received chunk of output: request_id, t_s (run clock, as requests.csv),
+                   n_tokens (tokens it carried). While a run is under way (or after a crash) the same
+                   rows sit in `tokens-<worker>.bin` parts of fixed 20-byte records, read here as well;
+- `server.json`    what the server said about itself (kind, facts, raw answers, gauges sampled at ~1 s).
 
-Every problem is one InputError naming the file, the field and the reason.
+The readers are shared by `sim calibrate`, `sim replay` and the tests, so the format has one definition.
+`load_run_folder` reads a whole folder for `sim replay` (requests.csv with client.csv merged in, server.json,
+scenario.yaml), every problem one InputError naming the file, the field and the reason.
 """
 from __future__ import annotations
 
@@ -16,15 +18,107 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
-import yaml
 
 from .errors import InputError
 from .records import read_csv
 from .scenario import Scenario, parse_overrides, scenario_from_dict, set_path
 
+TOKEN_DTYPE = np.dtype([("request_id", "<i8"), ("t_s", "<f8"), ("n_tokens", "<i4")])
+TOKEN_PARTS = "tokens-*.bin"
 SERVER_KINDS = ("vllm", "llamacpp", "ollama", "twin", "openai", "unknown")
 CLIENT_COLUMNS = ("request_id", "closed_user", "prompt_tokens_server", "output_tokens_server", "finish_reason", "chunks")
+
+
+def token_part(folder: Path, worker: int) -> Path:
+    return Path(folder) / f"tokens-{worker}.bin"
+
+
+def read_token_part(path: Path) -> np.ndarray:
+    """A part file; a record cut short by a crash mid-write is dropped."""
+    raw = Path(path).read_bytes()
+    whole = len(raw) - len(raw) % TOKEN_DTYPE.itemsize
+    return np.frombuffer(raw[:whole], dtype=TOKEN_DTYPE)
+
+
+def merge_token_parts(folder: Path, rows_per_group: int = 1 << 20) -> Path | None:
+    """tokens-*.bin -> tokens.parquet (row groups of bounded size, so memory stays bounded), parts removed."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    folder = Path(folder)
+    parts = sorted(folder.glob(TOKEN_PARTS))
+    if not parts:
+        return None
+    out = folder / "tokens.parquet"
+    tmp = folder / "tokens.parquet.tmp"
+    schema = pa.schema([("request_id", pa.int64()), ("t_s", pa.float64()), ("n_tokens", pa.int32())])
+    step = rows_per_group * TOKEN_DTYPE.itemsize
+    with pq.ParquetWriter(tmp, schema, compression="zstd") as w:
+        for p in parts:
+            size = p.stat().st_size
+            with open(p, "rb") as fh:
+                for off in range(0, size - size % TOKEN_DTYPE.itemsize, step):
+                    a = np.frombuffer(fh.read(step), dtype=np.uint8)
+                    a = a[:len(a) - len(a) % TOKEN_DTYPE.itemsize].view(TOKEN_DTYPE)
+                    w.write_table(pa.table({k: a[k] for k in TOKEN_DTYPE.names}, schema=schema))
+    tmp.replace(out)
+    for p in parts:
+        p.unlink()
+    return out
+
+
+def read_tokens(folder: Path) -> pd.DataFrame:
+    """Per-chunk token arrivals of a run folder (parquet, else leftover parts), sorted by (request, time)."""
+    folder = Path(folder)
+    pq_path = folder / "tokens.parquet"
+    if pq_path.exists():
+        import pyarrow.parquet as pq
+        try:
+            df = pq.read_table(pq_path).to_pandas()
+        except Exception as exc:  # noqa: BLE001 - any damage is the file's error
+            raise InputError(str(pq_path), "", f"not a readable Parquet file: {type(exc).__name__}: {exc}") from None
+        missing = [c for c in TOKEN_DTYPE.names if c not in df.columns]
+        if missing:
+            raise InputError(str(pq_path), "", f"missing column(s) {missing}")
+    else:
+        parts = [read_token_part(p) for p in sorted(folder.glob(TOKEN_PARTS))]
+        if not parts:
+            raise InputError(str(folder), "tokens.parquet", "no per-token times in this run folder "
+                             "(stress run writes them for streamed requests)")
+        df = pd.DataFrame(np.concatenate(parts))
+    df = df[list(TOKEN_DTYPE.names)].astype({"request_id": "int64", "t_s": "float64", "n_tokens": "int32"})
+    return df.sort_values(["request_id", "t_s"], kind="stable").reset_index(drop=True)
+
+
+def read_client(folder: Path) -> pd.DataFrame | None:
+    path = Path(folder) / "client.csv"
+    if not path.exists():
+        return None
+    try:
+        df = pd.read_csv(path)
+    except Exception as exc:  # noqa: BLE001
+        raise InputError(str(path), "", f"not a readable CSV: {exc}") from None
+    missing = [c for c in CLIENT_COLUMNS if c not in df.columns]
+    if missing:
+        raise InputError(str(path), "", f"missing column(s) {missing}")
+    return df
+
+
+def read_server(folder: Path) -> dict:
+    path = Path(folder) / "server.json"
+    if not path.exists():
+        return {"kind": "unknown", "facts": {}, "samples": []}
+    try:
+        d = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise InputError(str(path), "", f"not valid JSON: {exc}") from None
+    if not isinstance(d, dict):
+        raise InputError(str(path), "", "expected a JSON object")
+    d.setdefault("kind", "unknown")
+    d.setdefault("facts", {})
+    d.setdefault("samples", [])
+    return d
 
 
 @dataclass
@@ -91,10 +185,11 @@ def load_run_folder(folder: str | Path) -> RunFolder:
     bad = df.loc[sent & df["arrival_s"].lt(0), "request_id"]
     if len(bad):
         raise InputError(str(req_path), "arrival_s", f"negative send time (request {int(bad.iloc[0])})")
-    has_client = (folder / "client.csv").is_file()
+    client = read_client(folder)
+    has_client = client is not None
     if has_client:
-        df = _merge_client(folder / "client.csv", df)
-    server = _read_server(folder / "server.json")
+        df = _merge_client(folder / "client.csv", client, df)
+    server = _check_server(folder / "server.json", read_server(folder))
     sc_path = folder / "scenario.yaml"
     if not sc_path.is_file():
         raise InputError(str(folder), "scenario.yaml", "missing (the resolved scenario of the run)")
@@ -107,37 +202,22 @@ def load_run_folder(folder: str | Path) -> RunFolder:
     return RunFolder(folder, df, has_client, server, data)
 
 
-def _merge_client(path: Path, df: pd.DataFrame) -> pd.DataFrame:
-    try:
-        c = pd.read_csv(path, keep_default_na=False, na_values={k: [""] for k in CLIENT_COLUMNS if k != "finish_reason"},
-                        dtype={"finish_reason": str})
-    except Exception as exc:  # noqa: BLE001 - any parse failure is a bad input file
-        raise InputError(str(path), "", f"cannot read client CSV: {exc}") from None
-    missing = [k for k in ("request_id", "closed_user", "prompt_tokens_server", "output_tokens_server") if k not in c.columns]
-    if missing:
-        raise InputError(str(path), "columns", f"missing {missing}")
+def _merge_client(path: Path, c: pd.DataFrame, df: pd.DataFrame) -> pd.DataFrame:
     for k in ("request_id", "closed_user", "prompt_tokens_server", "output_tokens_server"):
         if not pd.api.types.is_numeric_dtype(c[k]):
             raise InputError(str(path), k, "not a number in every row")
+    if c["request_id"].isna().any():
+        raise InputError(str(path), "request_id", "a row without a request id")
     if c["request_id"].duplicated().any():
         raise InputError(str(path), "request_id", f"request {int(c.loc[c.request_id.duplicated(), 'request_id'].iloc[0])} listed twice")
-    keep = [k for k in CLIENT_COLUMNS if k in c.columns]
-    return df.merge(c[keep], on="request_id", how="left", validate="one_to_one")
+    c = c[list(CLIENT_COLUMNS)].astype({"request_id": "int64"})
+    return df.merge(c, on="request_id", how="left", validate="one_to_one")
 
 
-def _read_server(path: Path) -> dict:
-    empty = {"kind": "unknown", "facts": {}, "samples": []}
-    if not path.is_file():
-        return empty
-    try:
-        s = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise InputError(str(path), "", f"not valid JSON: {exc}") from None
-    if not isinstance(s, dict):
-        raise InputError(str(path), "", "expected a JSON object")
-    if s.get("kind", "unknown") not in SERVER_KINDS:
+def _check_server(path: Path, s: dict) -> dict:
+    if s.get("kind") not in SERVER_KINDS:
         raise InputError(str(path), "kind", f"unknown server kind {s.get('kind')!r} (known: {', '.join(SERVER_KINDS)})")
-    if not isinstance(s.get("facts", {}) or {}, dict):
+    if not isinstance(s.get("facts") or {}, dict):
         raise InputError(str(path), "facts", "expected an object")
     samples = s.get("samples") or []
     if not isinstance(samples, list):
@@ -148,4 +228,4 @@ def _read_server(path: Path) -> dict:
         for k in ("running", "waiting"):
             if x.get(k) is not None and not isinstance(x.get(k), (int, float)):
                 raise InputError(str(path), f"samples[{i}].{k}", "not a number or null")
-    return {**empty, **s, "facts": s.get("facts") or {}, "samples": samples}
+    return {**s, "facts": s.get("facts") or {}, "samples": samples}
