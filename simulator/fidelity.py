@@ -110,8 +110,12 @@ def plot(path: Path, ts: dict, measured_df: pd.DataFrame, sim_df: pd.DataFrame, 
     fig, axes = plt.subplots(3, 1, figsize=(9, 9), sharex=True)
     t = ts["t"]
     for ax, key, name in ((axes[0], "running", "running"), (axes[1], "waiting", "waiting")):
-        ax.step(t, ts[f"measured_{key}"], where="post", color="black", lw=1.2, label=labels[0])
-        ax.step(t, ts[f"sim_{key}"], where="post", color="tab:orange", lw=1.2, ls="--", label=labels[1])
+        if ts["source"] == "server.json":  # instantaneous samples about 1 s apart
+            ax.plot(t, ts[f"measured_{key}"], color="black", lw=1.2, marker="o", ms=3, label=f"{labels[0]} (server samples)")
+            ax.plot(t, ts[f"sim_{key}"], color="tab:orange", lw=1.2, ls="--", marker="x", ms=4, label=f"{labels[1]} (at the same times)")
+        else:
+            ax.step(t, ts[f"measured_{key}"], where="post", color="black", lw=1.2, label=labels[0])
+            ax.step(t, ts[f"sim_{key}"], where="post", color="tab:orange", lw=1.2, ls="--", label=labels[1])
         ax.set_ylabel(f"{name} requests")
         ax.legend(fontsize=8, loc="upper right")
     axes[0].set_title(("server gauges" if ts["source"] == "server.json" else "client view") + ": "
@@ -174,6 +178,9 @@ def fidelity(run_folder, sim_dir: Path, out: Path, plots: bool = True, info: dic
     sim = load_run(sim_dir, "sim")
     info = info or {}
     mdf, sdf = read_csv(run_folder.path / "requests.csv"), read_csv(Path(sim_dir) / "requests.csv")
+    shift = float(info.get("time_shift_s") or 0.0)
+    if shift:  # back on the measured run's clock
+        sdf = sdf.assign(arrival_s=sdf["arrival_s"] - shift, end_s=sdf["end_s"] - shift)
     ts = timeseries(run_folder, mdf, sdf)
     report = {"measured": str(run_folder.path), "sim": str(sim_dir), "engine": info.get("engine"),
               "profile": info.get("profile"), "server_kind": run_folder.kind,

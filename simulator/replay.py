@@ -24,10 +24,16 @@ from .scenario import Engine, Scenario, scenario_from_dict
 from .workload import Stream, build_stream
 from .world import World
 
-# server.json facts -> engine fields (applied where the engine schema has the field)
+# server.json facts -> engine fields (applied where the engine schema has the field). llama-server reports
+# its context per slot (/props default_generation_settings.n_ctx, /slots n_ctx); the engine's n_ctx is the
+# whole context its n_parallel slots share, as llama-server's --ctx-size.
 FACTS = (("num_gpu_blocks", "num_blocks"), ("block_size", "block_size"), ("max_num_seqs", "max_num_seqs"),
          ("max_num_batched_tokens", "max_num_batched_tokens"), ("total_slots", "n_parallel"), ("n_ctx", "n_ctx"),
          ("max_model_len", "max_model_len"))
+
+
+def _int(v):
+    return v if isinstance(v, int) and not isinstance(v, bool) and v > 0 else None
 
 
 @dataclass
@@ -62,9 +68,13 @@ def replay_overrides(run: RunFolder, engine: str | None, profile: str | None, se
     """(path, value) overrides in order: server facts, then --engine, --profile, --set (the user wins)."""
     fields = Engine.model_fields
     out, used = [], {}
+    facts = dict(run.facts)
+    slots, per_slot = _int(facts.get("total_slots")), _int(facts.get("n_ctx_per_slot"))
+    if slots and per_slot and not _int(facts.get("n_ctx")):
+        facts["n_ctx"] = slots * per_slot
     for fact, name in FACTS:
-        v = run.facts.get(fact)
-        if isinstance(v, int) and not isinstance(v, bool) and v > 0 and name in fields:
+        v = _int(facts.get(fact))
+        if v and name in fields:
             out.append((f"engine.{name}", v))
             used[fact] = v
     if engine:
@@ -135,8 +145,11 @@ def build_plan(run: RunFolder, sc: Scenario) -> ReplayPlan:
     sent = df[df["arrival_s"].notna()].sort_values(["arrival_s", "request_id"], kind="stable")
     rids = sent["request_id"].to_numpy(dtype=np.int64)
     cis = _class_index(run, sc, sent["class_name"].tolist())
-    t = sent["arrival_s"].to_numpy(dtype=float)
-    end = _col(sent, "end_s")
+    # the simulation starts at 0; a run may send a little before its own origin (its closed-loop users
+    # start as they are created): every time moves by the same shift, undone in the fidelity plot
+    shift = max(0.0, -float(sent["arrival_s"].min()))
+    t = sent["arrival_s"].to_numpy(dtype=float) + shift
+    end = _col(sent, "end_s") + shift
     ok = (sent["outcome"] == "ok").to_numpy()
     p_client = sent["prompt_tokens"].to_numpy(dtype=float)
     p_server = _col(sent, "prompt_tokens_server")
@@ -178,7 +191,7 @@ def build_plan(run: RunFolder, sc: Scenario) -> ReplayPlan:
             gaps = [0.0] + [max(0.0, float(t[b] - end[a])) if np.isfinite(end[a]) else 0.0 for a, b in zip(js[:-1], js[1:])]
             chains.append(Chain(ci, int(user), float(t[js[0]]), rids[js].tolist(), prompt[js].tolist(), output[js].tolist(),
                                 mx[js].tolist(), [hashes[j] for j in js], gaps))
-    info = {"run": str(run.path), "server_kind": run.kind, "requests_replayed": int(len(sent)),
+    info = {"run": str(run.path), "server_kind": run.kind, "time_shift_s": round(shift, 9), "requests_replayed": int(len(sent)),
             "left_out_not_sent": int(len(df) - len(sent)), "open_loop": int(o.size),
             "closed_loop_users": len(chains), "closed_loop_requests": int(is_closed.sum()),
             "closed_loop_users_from": source, "prompt_tokens_from": "client.csv prompt_tokens_server"

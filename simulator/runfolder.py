@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import yaml
 
 from .errors import InputError
 from .records import read_csv
@@ -182,9 +183,9 @@ def load_run_folder(folder: str | Path) -> RunFolder:
     if not (df["outcome"] == "ok").any():
         counts = ", ".join(f"{k} {v}" for k, v in df["outcome"].value_counts().sort_index().items())
         raise InputError(str(req_path), "outcome", f"no ok request, nothing to compare (errors only: {counts})")
-    bad = df.loc[sent & df["arrival_s"].lt(0), "request_id"]
+    bad = df.loc[sent & ~np.isfinite(df["arrival_s"].to_numpy(dtype=float)), "request_id"]
     if len(bad):
-        raise InputError(str(req_path), "arrival_s", f"negative send time (request {int(bad.iloc[0])})")
+        raise InputError(str(req_path), "arrival_s", f"not a finite time (request {int(bad.iloc[0])})")
     client = read_client(folder)
     has_client = client is not None
     if has_client:
