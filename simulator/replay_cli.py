@@ -8,6 +8,7 @@ import typer
 from rich.console import Console
 
 from .cli import app, check_out_dir, friendly
+from .errors import InputError
 
 
 @app.command()
@@ -27,6 +28,8 @@ def replay(run_dir: Path = typer.Argument(..., help="a run folder written by str
     run = load_run_folder(run_dir)
     out = out or Path("reports") / f"{run.name}-replay"
     check_out_dir(out)
+    if out.resolve() == run.path.resolve():
+        raise InputError(str(out), "--out", "is the run folder itself (its measured files would be overwritten)")
     _, plan = run_replay(run, out, engine, profile, set_, plots=not no_plots)
     report = fidelity(run, out, out, plots=not no_plots, info=plan.info)
     if not quiet:

@@ -200,6 +200,8 @@ def load_run_folder(folder: str | Path) -> RunFolder:
         raise InputError(str(sc_path), "", f"not valid YAML: {getattr(exc, 'problem', exc)}") from None
     if not isinstance(data, dict):
         raise InputError(str(sc_path), "", "expected a mapping at top level")
+    if not (folder / "summary.json").is_file():
+        raise InputError(str(folder), "summary.json", "missing (the run's summary, which stress run writes)")
     return RunFolder(folder, df, has_client, server, data)
 
 

@@ -89,15 +89,16 @@ def test_replay_of_a_twin_run_reproduces_it(measured, tmp_path):
         assert (out / f).is_file(), f
     fid = json.loads((out / "fidelity.json").read_text())
     assert fid["server_kind"] == "twin"
+    lag = json.loads((measured / "server.json").read_text())["end"].get("health", {}).get("clock_max_lag_s")
     m = fid["table"]["overall"]["metrics"]
     # Run-level figures. The twin's clock can lag the wall clock by tens of ms on a busy machine (its
     # server.json says how much), which moves single requests; percentiles of ~80 requests absorb it.
     for k in ("tpot.p50", "throughput.requests_per_s", "throughput.output_tokens_per_s"):
-        assert abs(m[k]["error_pct"]) <= 5.0, (k, m[k])
+        assert abs(m[k]["error_pct"]) <= 5.0, (k, m[k], lag)
     for k in ("e2e.p50", "e2e.p95"):
-        assert abs(m[k]["error_pct"]) <= 10.0, (k, m[k])
+        assert abs(m[k]["error_pct"]) <= 10.0, (k, m[k], lag)
     for k in ("ttft.p50", "ttft.p95"):  # the client's few ms on top of the engine's TTFT
-        assert abs(m[k]["sim"] - m[k]["measured"]) <= max(0.15 * m[k]["measured"], 0.010), (k, m[k])
+        assert abs(m[k]["sim"] - m[k]["measured"]) <= max(0.15 * m[k]["measured"], 0.010), (k, m[k], lag)
     # requests as measured: the same ids, the server's prompt lengths, the output lengths it generated
     a, b = read_csv(measured / "requests.csv"), read_csv(out / "requests.csv")
     client = load_run_folder(measured).requests
@@ -109,7 +110,7 @@ def test_replay_of_a_twin_run_reproduces_it(measured, tmp_path):
     assert (both_ok.output_tokens_s == both_ok.output_tokens_m).all()
     # request by request: open-loop requests (sent at the same times) end within a few ms of the measured
     chat = both_ok[both_ok.class_name_m == "chat"]
-    assert len(chat) >= 10 and (chat.e2e_s_s - chat.e2e_s_m).abs().median() <= 0.020, (chat.e2e_s_s - chat.e2e_s_m).describe()
+    assert len(chat) >= 10 and (chat.e2e_s_s - chat.e2e_s_m).abs().median() <= 0.020, ((chat.e2e_s_s - chat.e2e_s_m).describe(), lag)
     assert (j.stream_s == j.stream_m).all() and (j.stream_s[j.class_name_m == "scraper"] == 0).all()
     # measured rejections (the scraper's rate limit) are replayed as sent and counted: the sim rejects too
     cm, cs = fid["table"]["scraper"]["counts"]["measured"], fid["table"]["scraper"]["counts"]["sim"]
@@ -231,6 +232,10 @@ def test_bad_run_folders_are_one_line_errors(measured, tmp_path):
     no_sc = _copy(measured, tmp_path / "n")
     (no_sc / "scenario.yaml").unlink()
     _one_line(cli.invoke(app, ["replay", str(no_sc), *out]), "scenario.yaml: missing")
+    no_sum = _copy(measured, tmp_path / "m")
+    (no_sum / "summary.json").unlink()
+    _one_line(cli.invoke(app, ["replay", str(no_sum), *out]), "summary.json: missing")
+    _one_line(cli.invoke(app, ["replay", str(measured), "--out", str(measured), "-q"]), "is the run folder itself")
     _one_line(cli.invoke(app, ["replay", str(measured), "--engine", "tgi", *out]), "engine.type")
     _one_line(cli.invoke(app, ["replay", str(measured), "--profile", "nope", *out]), "no such profile")
     _one_line(cli.invoke(app, ["replay", str(measured), "--set", "engine.max_num_seqs=-1", *out]), "engine.max_num_seqs")
