@@ -152,6 +152,26 @@ def test_open_loop_keeps_its_send_times_closed_loop_follows_the_server(measured,
         assert np.allclose(gap_s, np.maximum(gap_m, 0), atol=1e-6)
 
 
+@pytest.mark.parametrize("name", ["cache_hit", "mixed_load"])
+def test_replaying_a_sim_run_reproduces_it_exactly(tmp_path, name):
+    """A `sim run` folder is a run folder too: replayed, every request has the same outcome, send time,
+    prefix-cache hits and latencies (to the CSV's 1e-9 s), open loop and closed loop (mixed_load's agents
+    think between requests; cache_hit's shared prefixes must come back from the scenario's stream)."""
+    from simulator.run import run_scenario
+    run_scenario(load_scenario(ROOT / "scenarios" / f"{name}.yaml"), tmp_path / "run", plots=False)
+    _, plan = replay(load_run_folder(tmp_path / "run"), tmp_path / "rep", plots=False)
+    a = read_csv(tmp_path / "run" / "requests.csv")
+    b = read_csv(tmp_path / "rep" / "requests.csv")
+    assert list(a.request_id) == list(b.request_id) and list(a.outcome) == list(b.outcome)
+    for col in ("arrival_s", "ttft_s", "e2e_s", "queue_wait_s"):
+        assert np.allclose(a[col], b[col], atol=2e-9, equal_nan=True), col
+    assert (a.prefix_hit_tokens == b.prefix_hit_tokens).all() and (a.output_tokens == b.output_tokens).all()
+    if name == "cache_hit":
+        assert a.prefix_hit_tokens.sum() > 0
+    else:
+        assert plan.info["closed_loop_requests"] > 0
+
+
 def test_replay_is_deterministic(measured, tmp_path):
     run = load_run_folder(measured)
     replay(run, tmp_path / "a", plots=False)
