@@ -111,12 +111,18 @@ def _hashes(run: RunFolder, rids, cis, closed_cls) -> tuple[list, np.ndarray | N
         return [None] * len(rids), None, f"not regenerated ({exc})"
     out = [None] * len(rids)
     n_open = len(s)
-    order = np.argsort(rids, kind="stable")
-    for j in order:  # closed-loop lengths were drawn in issue order, which is id order within a class
-        rid, ci = int(rids[j]), int(cis[j])
+    # closed-loop lengths were drawn in issue order, which is id order within a class, for every request
+    # the run issued (sent or not)
+    names = {c.name: i for i, c in enumerate(sc0.workload.classes)}
+    every = run.requests[["request_id", "class_name"]].sort_values("request_id", kind="stable")
+    drawn = {}
+    for rid, name in zip(every["request_id"].tolist(), every["class_name"].tolist()):
+        ci = names.get(name)
+        if ci in closed:
+            drawn[rid] = closed[ci].next()[3]
+    for j, (rid, ci) in enumerate(zip(rids.tolist(), cis.tolist())):
         if ci in closed_cls:
-            if ci in closed:
-                out[j] = closed[ci].next()[3]
+            out[j] = drawn.get(rid)
         elif rid < n_open and int(s.cls[rid]) == ci:
             out[j] = s.hashes[rid]
     return out, s.hash_block, "from the run's scenario"

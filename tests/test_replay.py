@@ -152,13 +152,16 @@ def test_open_loop_keeps_its_send_times_closed_loop_follows_the_server(measured,
         assert np.allclose(gap_s, np.maximum(gap_m, 0), atol=1e-6)
 
 
-@pytest.mark.parametrize("name", ["cache_hit", "mixed_load"])
-def test_replaying_a_sim_run_reproduces_it_exactly(tmp_path, name):
+@pytest.mark.parametrize("name,sets", [
+    ("cache_hit", []), ("mixed_load", []),
+    ("mixed_load", ["workload.classes[3].prefix={groups: 2, tokens: 256, block_tokens: 16}", "engine.prefix_caching=true"])],
+    ids=["cache_hit", "mixed_load", "closed_loop_prefixes"])
+def test_replaying_a_sim_run_reproduces_it_exactly(tmp_path, name, sets):
     """A `sim run` folder is a run folder too: replayed, every request has the same outcome, send time,
     prefix-cache hits and latencies (to the CSV's 1e-9 s), open loop and closed loop (mixed_load's agents
     think between requests; cache_hit's shared prefixes must come back from the scenario's stream)."""
     from simulator.run import run_scenario
-    run_scenario(load_scenario(ROOT / "scenarios" / f"{name}.yaml"), tmp_path / "run", plots=False)
+    run_scenario(load_scenario(ROOT / "scenarios" / f"{name}.yaml", sets), tmp_path / "run", plots=False)
     _, plan = replay(load_run_folder(tmp_path / "run"), tmp_path / "rep", plots=False)
     a = read_csv(tmp_path / "run" / "requests.csv")
     b = read_csv(tmp_path / "rep" / "requests.csv")
@@ -170,6 +173,8 @@ def test_replaying_a_sim_run_reproduces_it_exactly(tmp_path, name):
         assert a.prefix_hit_tokens.sum() > 0
     else:
         assert plan.info["closed_loop_requests"] > 0
+    if sets:
+        assert a.loc[a.class_name == "agents", "prefix_hit_tokens"].sum() > 0
 
 
 def test_replay_is_deterministic(measured, tmp_path):
