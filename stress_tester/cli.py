@@ -51,6 +51,9 @@ def run(scenario: Path = typer.Argument(..., help="scenario YAML"),
         no_extensions: bool = typer.Option(False, "--no-extensions",
                                            help="omit ignore_eos/min_tokens (servers that reject unknown fields)"),
         poll: float = typer.Option(0.02, "--poll", min=0.001, help="queue API: status poll interval (s)"),
+        prompt_word: str = typer.Option(" the", "--prompt-word",
+                                        help="a text the server's tokenizer makes one token (byte-vocab test models: a)"),
+        no_probe: bool = typer.Option(False, "--no-probe", help="do not ask the server about itself (server.json)"),
         progress_file: Optional[Path] = typer.Option(None, "--progress-file", help="write sent/done counts here"),
         no_plots: bool = typer.Option(False, "--no-plots", help="skip PNG plots"),
         quiet: bool = typer.Option(False, "--quiet", "-q")):
@@ -63,12 +66,16 @@ def run(scenario: Path = typer.Argument(..., help="scenario YAML"),
     if api not in DIALECTS:
         raise InputError("--api", api, f"unknown API (known: {', '.join(DIALECTS)})")
     check_url(base_url)
+    from .prompts import check_word
+    why = check_word(prompt_word)
+    if why:
+        raise InputError("--prompt-word", prompt_word, why)
     sc = load_scenario(scenario, set_, seed)
     out = out or Path("reports") / f"{sc.name}-stress"
     check_out_dir(out)
     opts = Options(base_url=base_url, api=api, model=model, concurrency=concurrency, max_duration=max_duration,
                    grace=grace, retry=retry, max_retries=max_retries, no_stream=no_stream,
-                   extensions=not no_extensions, poll_s=poll,
+                   extensions=not no_extensions, poll_s=poll, prompt_word=prompt_word, probe=not no_probe,
                    progress_file=str(progress_file) if progress_file else None)
     summary = run_stress(sc, opts, out, workers=workers, plots=not no_plots)
     if not quiet:
