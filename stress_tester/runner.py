@@ -360,6 +360,7 @@ class Runner:
             horizon = min(horizon, self.opts.max_duration)
         limit = sc.num_requests if sc.num_requests is not None else float("inf")
         base = closed_base(self.plan, ci)
+        await asyncio.sleep(max(0.0, self.t0 - perf_counter()))  # users start with the run, not before it
         while perf_counter() - self.t0 < horizon and counter[0] < limit and not self.stop.is_set():
             counter[0] += 1
             p, o, m, h = src.next()
