@@ -66,11 +66,11 @@ def retry_after(value: str | None) -> float | None:
 class Client:
     def __init__(self, session: aiohttp.ClientSession, base_url: str, dialect, plan, t0: float, *,
                  model: str | None = None, no_stream: bool = False, retry: bool = False, max_retries: int = 3,
-                 poll_s: float = 0.02):
+                 poll_s: float = 0.02, word: str = " the"):
         self.session, self.dialect, self.plan, self.t0 = session, dialect, plan, t0
         self.base = base_url.rstrip("/")
         self.url = URL(self.base + dialect.path)  # parsed once: aiohttp skips parsing a URL object
-        self.model, self.no_stream = model, no_stream
+        self.model, self.no_stream, self.word = model, no_stream, word
         self.retry, self.max_retries, self.poll_s = retry, max_retries, poll_s
         self.itl = array("d")  # pooled inter-token gaps of ok requests
         self.timeouts = [aiohttp.ClientTimeout(total=c.timeout) for c in plan.classes]
@@ -93,7 +93,7 @@ class Client:
 
     def prepare(self, job: Job):
         info = self.plan.classes[job.cls]
-        text = prompt_text(job.prompt, job.rid, job.prefix_hashes, info.prefix_tokens)
+        text = prompt_text(job.prompt, job.rid, job.prefix_hashes, info.prefix_tokens, self.word)
         stream = info.stream and not self.no_stream
         job.stream = stream  # as sent (--no-stream overrides the class)
         job.cum = 0 if stream and self.dialect.extensions and self.dialect.continuous_usage else None

@@ -231,6 +231,14 @@ def run_stress(sc, opts: Options, out: Path, workers: int = 1, plots: bool = Tru
     plan = build_plan(sc)
     facts_start = probe(opts.base_url, opts.model) if opts.probe else {"kind": "unknown", "facts": {}, "raw": {}}
     opts = dataclasses.replace(opts, record_dir=str(out), server_kind=facts_start["kind"])
+    served = [m.get("id") for m in facts_start["raw"].get("models") or [] if m.get("id")]
+    wanted = {c.model for c in plan.classes}
+    model_note = ""
+    if opts.model is None and served and not wanted & set(served):
+        # the scenario's model names are not this server's: send the one it serves (vLLM --served-model-name)
+        opts = dataclasses.replace(opts, model=served[0])
+        model_note = (f"the server serves {served[:4]} and none of the scenario's models {sorted(wanted)}: "
+                      f"sent model {served[0]!r} (choose with --model)")
     if opts.spin_s is None and workers >= (os.cpu_count() or 1):
         opts = dataclasses.replace(opts, spin_s=0.0)
     if workers > 1:
@@ -243,6 +251,8 @@ def run_stress(sc, opts: Options, out: Path, workers: int = 1, plots: bool = Tru
     lag = np.frombuffer(b"".join(p.lag for p in parts), dtype=np.float64).reshape(-1, 2)
     gaps = np.frombuffer(b"".join(p.itl for p in parts), dtype=np.float64)
     acc = accuracy(lag, opts, workers, parts, len(rows), len(plan))
+    if model_note:
+        acc["notes"].insert(0, model_note)
     samples = sorted(x for p in parts for x in (p.samples or ()))
     server = {"kind": facts_start["kind"], "facts": {**facts_start["facts"], **{k: v for k, v in facts_end["facts"].items()
                                                                           if k not in facts_start["facts"]}},

@@ -53,6 +53,7 @@ class Options:
     server_kind: str = "unknown"  # from facts.probe: vLLM gets continuous usage stats
     sample_s: float = 1.0  # server gauge sampling period (worker 0 only)
     probe: bool = True  # ask the server about itself at start and end (server.json)
+    prompt_word: str = " the"  # one token of the server's tokenizer (prompts.py)
     spin_s: float | None = None  # None: SPIN_S, or 0 when workers >= CPUs (spinning would steal their time)
 
 
@@ -173,7 +174,8 @@ class Runner:
                 self.t0 = t0
                 self.client = Client(session, self.opts.base_url, dialect, self.plan, t0, model=self.opts.model,
                                      no_stream=self.opts.no_stream, retry=self.opts.retry,
-                                     max_retries=self.opts.max_retries, poll_s=self.opts.poll_s)
+                                     max_retries=self.opts.max_retries, poll_s=self.opts.poll_s,
+                                     word=self.opts.prompt_word)
                 if self.opts.record_dir:
                     self.client.tokens.open(token_part(self.opts.record_dir, self.worker))
                 self.sem = asyncio.Semaphore(self.opts.concurrency) if self.opts.concurrency else None
@@ -358,6 +360,7 @@ class Runner:
             horizon = min(horizon, self.opts.max_duration)
         limit = sc.num_requests if sc.num_requests is not None else float("inf")
         base = closed_base(self.plan, ci)
+        await asyncio.sleep(max(0.0, self.t0 - perf_counter()))  # users start with the run, not before it
         while perf_counter() - self.t0 < horizon and counter[0] < limit and not self.stop.is_set():
             counter[0] += 1
             p, o, m, h = src.next()
