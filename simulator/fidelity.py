@@ -117,7 +117,7 @@ def plot(path: Path, ts: dict, measured_df: pd.DataFrame, sim_df: pd.DataFrame, 
             ax.step(t, ts[f"measured_{key}"], where="post", color="black", lw=1.2, label=labels[0])
             ax.step(t, ts[f"sim_{key}"], where="post", color="tab:orange", lw=1.2, ls="--", label=labels[1])
         ax.set_ylabel(f"{name} requests")
-        ax.legend(fontsize=8, loc="upper right")
+        ax.legend(fontsize=8, loc="best")
     axes[0].set_title(("server gauges" if ts["source"] == "server.json" else "client view") + ": "
                       + ("running = in the engine, waiting = queued" if ts["source"] == "server.json"
                          else "running = receiving tokens, waiting = sent, no token yet"), fontsize=9)
