@@ -34,7 +34,8 @@ def _counts(run: Run, scope: str) -> dict:
     o = run.summary["requests"]["outcomes"] if scope == OVERALL else run.summary["outcomes_by_class"].get(scope, {})
     ok = int(o.get("ok", 0))
     return {"ok": ok, "errors": int(sum(v for k, v in o.items() if k not in ("ok", "not_sent"))),
-            "not_sent": int(o.get("not_sent", 0))}
+            "not_sent": int(o.get("not_sent", 0)),
+            "error_outcomes": {k: int(v) for k, v in sorted(o.items()) if k not in ("ok", "not_sent")}}
 
 
 def table(measured: Run, sim: Run) -> dict:
@@ -159,9 +160,18 @@ def markdown(report: dict) -> str:
          f"Simulated with engine `{r['engine']}`, profile `{r['profile']}` ({r['server_kind']} server); "
          f"{r['replayed']} requests replayed at their measured send times, {r['left_out']} never sent left out. "
          "Error = (sim − measured) / measured; latencies in ms over `ok` requests of each run's measured window.", ""]
+    ov = r["table"]["overall"]["metrics"]
+    L += ["## Overall error at a glance", "", "| | " + " | ".join(PCTS) + " |", "|---|" + "---:|" * len(PCTS)]
+    for m in METRICS:
+        if any(f"{m}.{p}" in ov for p in PCTS):
+            L.append(f"| {m.upper()} | " + " | ".join(_pct((ov.get(f"{m}.{p}") or {}).get("error_pct")) for p in PCTS) + " |")
+    L += ["", "Throughput: " + ", ".join(f"{k.split('.')[1]} {_pct(ov[k]['error_pct'])}" for k, _ in THROUGHPUT if k in ov) + ".", ""]
+
+    def errs(c):
+        return f"{c['errors']}" + (f" ({', '.join(f'{k} {v}' for k, v in c['error_outcomes'].items())})" if c["errors"] else "")
     for scope, d in r["table"].items():
         cm, cs = d["counts"]["measured"], d["counts"]["sim"]
-        L += [f"## {scope}", "", f"ok: measured {cm['ok']}, sim {cs['ok']}; errors: measured {cm['errors']}, sim {cs['errors']}"
+        L += [f"## {scope}", "", f"ok: measured {cm['ok']}, sim {cs['ok']}; errors: measured {errs(cm)}, sim {errs(cs)}"
               + (f"; not sent (measured, left out): {cm['not_sent']}" if cm["not_sent"] else ""), "",
               "| metric | measured | sim | error |", "|---|---:|---:|---:|"]
         for k, v in d["metrics"].items():
