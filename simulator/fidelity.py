@@ -51,6 +51,16 @@ def table(measured: Run, sim: Run) -> dict:
     return out
 
 
+def per_request(mdf: pd.DataFrame, sdf: pd.DataFrame) -> dict:
+    """Requests ok in both runs, matched by id: the median and p90 of |sim − measured| per latency."""
+    j = mdf[mdf["outcome"] == "ok"].merge(sdf[sdf["outcome"] == "ok"], on="request_id", suffixes=("_m", "_s"))
+    out = {"matched_ok": int(len(j))}
+    for m in ("ttft", "tpot", "e2e"):
+        d = (j[f"{m}_s_s"] - j[f"{m}_s_m"]).abs().dropna().to_numpy(dtype=float)
+        out[m] = {"p50_abs_s": round(float(np.percentile(d, 50)), 6), "p90_abs_s": round(float(np.percentile(d, 90)), 6)} if d.size else None
+    return out
+
+
 # ------------------------------------------------------------------ time series
 def _occupancy(starts, ends, grid) -> np.ndarray:
     """How many [start, end) intervals hold each time in grid."""
@@ -178,6 +188,10 @@ def markdown(report: dict) -> str:
             name = dict(THROUGHPUT).get(k, f"{k} (ms)")
             L.append(f"| {name} | {_fmt(k, v['measured'])} | {_fmt(k, v['sim'])} | {_pct(v['error_pct'])} |")
         L.append("")
+    pr = r["per_request"]
+    L += ["## Request by request", "", f"{pr['matched_ok']} requests ok in both runs, matched by id: |sim − measured| "
+          + "; ".join(f"{m.upper()} median {pr[m]['p50_abs_s'] * 1000:.2f} ms, p90 {pr[m]['p90_abs_s'] * 1000:.2f} ms"
+                      for m in ("ttft", "tpot", "e2e") if pr.get(m)) + ".", ""]
     L += ["## Over time", "", f"![fidelity_timeseries.png](fidelity_timeseries.png)", "", f"Plotted: {r['timeseries']}", ""]
     return "\n".join(L)
 
@@ -195,7 +209,7 @@ def fidelity(run_folder, sim_dir: Path, out: Path, plots: bool = True, info: dic
     report = {"measured": str(run_folder.path), "sim": str(sim_dir), "engine": info.get("engine"),
               "profile": info.get("profile"), "server_kind": run_folder.kind,
               "replayed": info.get("requests_replayed"), "left_out": info.get("left_out_not_sent"),
-              "table": table(measured, sim), "timeseries": ts["what"]}
+              "table": table(measured, sim), "per_request": per_request(mdf, sdf), "timeseries": ts["what"]}
     out.mkdir(parents=True, exist_ok=True)
     if plots:
         plot(out / "fidelity_timeseries.png", ts, mdf, sdf)

@@ -118,6 +118,9 @@ def test_replay_of_a_twin_run_reproduces_it(measured, tmp_path):
     for cls in ("chat", "agent"):
         c = fid["table"][cls]["counts"]
         assert c["measured"]["ok"] == c["sim"]["ok"] and c["sim"]["errors"] == 0
+    pr = fid["per_request"]
+    assert pr["matched_ok"] == len(both_ok) and pr["e2e"]["p50_abs_s"] == pytest.approx(
+        float(np.percentile((both_ok.e2e_s_s - both_ok.e2e_s_m).abs(), 50)), abs=1e-6)
     md = (out / "fidelity.md").read_text()
     assert "## agent" in md and "e2e.p95" in md and "server gauges" in fid["timeseries"]
 
