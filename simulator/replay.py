@@ -235,15 +235,20 @@ class ReplayWorld(World):
             yield req.done
 
 
-def replay(run: RunFolder, out: Path, engine: str | None = None, profile: str | None = None,
-           sets: list[str] | None = None, plots: bool = True, progress=None) -> tuple[dict, ReplayPlan]:
-    """Simulate the run's request stream; write the report folder to `out`. Returns (summary, plan)."""
-    from .run import write_result
+def simulate_replay(run: RunFolder, engine: str | None = None, profile: str | None = None,
+                    sets: list[str] | None = None, progress=None):
+    """Simulate the run's request stream without writing anything (e.g. inside a fit). Returns (Result, plan)."""
     overrides, used = replay_overrides(run, engine, profile, sets)
     sc = run.scenario(overrides)
     plan = build_plan(run, sc)
     plan.info.update(engine=sc.engine.type, profile=sc.engine.profile, server_facts_applied=used,
                      overrides=[f"{k}={v}" for k, v in overrides])
-    result = ReplayWorld(sc, plan, progress).run()
-    summary = write_result(result, out, plots, {"replay": plan.info})
-    return summary, plan
+    return ReplayWorld(sc, plan, progress).run(), plan
+
+
+def replay(run: RunFolder, out: Path, engine: str | None = None, profile: str | None = None,
+           sets: list[str] | None = None, plots: bool = True, progress=None) -> tuple[dict, ReplayPlan]:
+    """Simulate the run's request stream; write the report folder to `out`. Returns (summary, plan)."""
+    from .run import write_result
+    result, plan = simulate_replay(run, engine, profile, sets, progress)
+    return write_result(result, out, plots, {"replay": plan.info}), plan
