@@ -125,10 +125,14 @@ def sweep(scenario: Path = typer.Argument(..., help="scenario YAML"),
           set_: Optional[List[str]] = typer.Option(None, "--set", help="override a field at every point: path=value"),
           jobs: int = typer.Option(1, "--jobs", "-j", min=1, help="points simulated at once (processes)"),
           plots: bool = typer.Option(False, "--plots", help="also draw each point's PNG plots"),
+          executor: str = typer.Option("process", "--executor", help="process (local, --jobs at once) or ray "
+                                                                       "(each point a Ray task)"),
+          address: Optional[str] = typer.Option(None, "--address", help="Ray cluster to join (default: start a "
+                                                                          "local one with --jobs CPUs)"),
           quiet: bool = typer.Option(False, "--quiet", "-q")):
-    """Run SCENARIO at every point of a grid of overrides; write sweep.csv, sweep.md and one report per point."""
+    """Run SCENARIO at every point of a grid of overrides; write sweep.csv, sweep.md, pareto.png and one report per point."""
     from .scenario import load_scenario
-    from .sweep import sweep as run_sweep
+    from .sweep import sweep as run_sweep, terminal_table as sweep_table
     sc = load_scenario(scenario, set_, seed)
     out = out or default_out(f"sweep_{sc.name}")
     check_out_dir(out)
@@ -136,24 +140,15 @@ def sweep(scenario: Path = typer.Argument(..., help="scenario YAML"),
     def progress(k, n):
         if not quiet:
             console.print(f"point {k}/{n} done")
-    axes, rows = run_sweep(scenario, grid or [], out, set_, seed, jobs, plots, progress)
+    axes, rows = run_sweep(scenario, grid or [], out, set_, seed, jobs, plots, progress, executor, address)
     if not quiet:
-        from rich.table import Table
-        t = Table(title=f"sweep of {sc.name} (overall; ms)")
-        for col in (*axes, "ok/gen", "rejected", "TTFT p95", "TPOT p95", "E2E p95", "goodput/s"):
-            t.add_column(col, justify="right")
-        for r in rows:
-            if r["scope"] == "overall":
-                t.add_row(*(str(r[a]) for a in axes), f"{r['ok']}/{r['generated']}", str(r["rejected"]),
-                          *(("–" if r[m] is None else f"{r[m] * 1000:.1f}") for m in ("ttft_p95_s", "tpot_p95_s", "e2e_p95_s")),
-                          str(r["goodput_per_s"]))
-        Console().print(t)
+        sweep_table(sc.name, axes, rows, Console())
     print(f"sweep: {out}/sweep.md")
 
 
 def _register_optional():
-    """Commands whose modules land separately (compare, serve, calibrate)."""
-    for mod in ("compare_cli", "serve_cli", "calibrate_cli"):
+    """Commands whose modules land separately (compare, serve, calibrate, capacity)."""
+    for mod in ("compare_cli", "serve_cli", "calibrate_cli", "capacity_cli"):
         try:
             __import__(f"simulator.{mod}")
         except ImportError as exc:
@@ -164,4 +159,5 @@ def _register_optional():
 _register_optional()
 
 if __name__ == "__main__":  # pragma: no cover
-    app()
+    from simulator.cli import app as _app  # under -m this file is __main__; the optional commands joined simulator.cli's app
+    _app()
