@@ -176,16 +176,17 @@ def markdown(axes, rows: list[dict]) -> str:
 
 def terminal_table(name: str, axes: list[str], rows: list[dict], console) -> None:
     """The overall row of every point, in at most 80 columns, units in the headers."""
+    from rich import box
     from rich.table import Table
-    t = Table(title=f"sweep of {name} (overall; TTFT: worst streamed class)", width=80)
+    t = Table(title=f"sweep of {name} (overall; TTFT: worst streamed class)", box=box.SIMPLE_HEAD, padding=(0, 1), pad_edge=False)
     for a in axes:
-        t.add_column(a.split(".")[-1], overflow="fold")
-    for col in ("ok/gen", "TTFT p95 ms", "TPOT p95 ms", "E2E p95 s", "good req/s", "SLO"):
-        t.add_column(col, justify="right")
+        t.add_column(a.split(".")[-1], no_wrap=True)
+    for col in ("ok/gen", "TTFT\np95 ms", "TPOT\np95 ms", "E2E\np95 s", "goodput\nreq/s", "SLO\nmet"):
+        t.add_column(col, justify="right", no_wrap=True)
     for r in rows:
         if r["scope"] == "overall":
             e2e = r["e2e_p95_s"]
             t.add_row(*(str(r[a]) for a in axes), f"{r['ok']}/{r['generated']}", _ms(r.get("ttft_p95_streamed_s")),
                       _ms(r["tpot_p95_s"]), "–" if e2e is None else f"{e2e:.2f}", f"{r['goodput_per_s']:.2f}",
-                      "met" if r.get("slo_feasible") else "missed")
+                      "yes" if r.get("slo_feasible") else "no")
     console.print(t)

@@ -40,8 +40,10 @@ def pareto_plot(out: Path, axes: list[str], rows: list[dict], name: str = "paret
                 front.append(i)
                 best = y[i]
         ax.plot(x[front], y[front], color="gray", lw=1, ls="--", label="Pareto front", zorder=2)
-        for r, xi, yi in zip(pts, x, y):
-            ax.annotate(_label({a: r[a] for a in axes}), (xi, yi), fontsize=6, xytext=(3, 3), textcoords="offset points")
+        for k, (r, xi, yi) in enumerate(zip(pts, x, y)):  # staggered, so points close together stay readable
+            ax.annotate(_label({a: r[a] for a in axes}), (xi, yi), fontsize=6, xytext=(4, 4 - 9 * (k % 3)),
+                        textcoords="offset points")
+        ax.margins(x=0.25, y=0.12)
         slo = pts[0].get("slo_ttft_s")
         if slo is not None:
             ax.axvline(slo * 1000, color="tab:red", ls=":", lw=1, label=f"TTFT SLO {slo * 1000:g} ms")
