@@ -128,7 +128,8 @@ def summarize(df: pd.DataFrame, scenario, itl=None, series=None, source: str = "
     good = ok[slo_mask(ok, scenario.slo)] if len(ok) else ok
     # a stress run cut short by --max-duration never sent the rest: they were not offered, so they are neither
     # met nor missed (an interrupted run's unsent requests still count as misses)
-    cut = df["outcome"].eq("not_sent") & df["error"].fillna("").astype(str).str.startswith("--max-duration")
+    errors = df["error"] if "error" in df else pd.Series("", index=df.index)
+    cut = df["outcome"].eq("not_sent") & errors.fillna("").astype(str).str.startswith("--max-duration")
     offered = int(len(df) - cut.sum())
     slo_defined = any(getattr(scenario.slo, k) is not None for k in ("ttft_s", "tpot_s", "e2e_s"))
 

@@ -14,7 +14,7 @@ from .records import read_csv, write_csv
 from .scenario import dump_scenario
 
 from .plots import PLOTS, write_plots  # noqa: F401  (PLOTS: the plot files a sim run writes)
-from .verdict import fmt_ms, pct, streamed_of, verdict_lines, verdict_short
+from .verdict import fmt_ms, pct, slo_text, streamed_of, verdict_lines, verdict_short
 
 
 def write_json(path: Path, obj) -> None:
@@ -105,8 +105,7 @@ def markdown(s: dict, title: str, plots=()) -> str:
           f"- throughput {_n(t['requests_per_s'])} req/s completed, {_n(t['output_tokens_per_s'], 0)} output tokens/s, "
           f"{_n(t['prompt_tokens_per_s'], 0)} prompt tokens/s",
           f"- goodput {_n(g['requests_per_s'])} req/s within the SLO ("
-          + ", ".join(f"{k.removesuffix('_s').upper()} ≤ {fmt_ms(v)}" for k, v in g["slo"].items() if v is not None)
-          + f" per request); {g['met']:,} requests met it: SLO attainment {pct(g['slo_attainment'])} of "
+          + slo_text(g["slo"]) + f" per request); {g['met']:,} requests met it: SLO attainment {pct(g['slo_attainment'])} of "
           f"{g.get('denominator', r['generated']):,} offered requests",
           (f"- batch size at first token: mean {bs['mean']:.1f}, p95 {bs['p95']:.0f}, max {bs['max']:.0f}" if bs.get("count")
            else "- batch size: not observable from this source"),

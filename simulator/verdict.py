@@ -28,6 +28,10 @@ def pct(x, nd=1) -> str:
     return "–" if x is None else f"{x * 100:.{nd}f} %"
 
 
+def slo_text(slo: dict) -> str:
+    return ", ".join(f"{k.upper()} ≤ {fmt_ms(slo[f'{k}_s'])}" for k in ("ttft", "tpot", "e2e") if slo.get(f"{k}_s") is not None)
+
+
 def class_targets(s: dict) -> list[Target]:
     slo = s["goodput"]["slo"]
     return [Target(None, m, "p95", slo[f"{m}_s"]) for m in ("ttft", "tpot", "e2e") if slo.get(f"{m}_s") is not None]
@@ -48,7 +52,8 @@ def per_class(s: dict, streamed: dict[str, bool]) -> list[tuple[str, bool, list[
                 missed.append(f"{t.metric.upper()} p95 {fmt_ms(r['value'])} > {fmt_ms(t.limit)}" if r["value"] is not None
                               else f"no completed request for {t.metric.upper()}")
         o = s["outcomes_by_class"].get(cls, {})
-        gen = max(sum(o.values()), 1)
+        cut = o.get("not_sent", 0) if s["goodput"].get("excluded_not_sent_max_duration") else 0
+        gen = max(sum(o.values()) - cut, 1)
         shed = sum(o.get(k, 0) for k in SHED) / gen
         policy = (o.get("rejected_rate_limited", 0) + o.get("rejected_quota", 0)) / gen
         if shed > 0.01:
@@ -61,7 +66,7 @@ def per_class(s: dict, streamed: dict[str, bool]) -> list[tuple[str, bool, list[
 
 def bottlenecks(s: dict) -> list[str]:
     """What limited the run, most requests affected first; each a short clause."""
-    gen = max(s["requests"]["generated"], 1)
+    gen = max(s["goodput"].get("denominator", s["requests"]["generated"]), 1)
     o = s["requests"]["outcomes"]
     found = []
     rl, quota = o.get("rejected_rate_limited", 0), o.get("rejected_quota", 0)
@@ -86,11 +91,14 @@ def bottlenecks(s: dict) -> list[str]:
     if wait is not None and ttft and wait >= 0.5 * ttft and wait > 0.05:
         found.append((s["requests"]["ok"] * 0.95, f"queueing: p95 queue wait {fmt_ms(wait)}, "
                                                   f"{wait / ttft * 100:.0f} % of the streamed p95 TTFT{behind}"))
-    elif busy is not None and busy >= SATURATED:
+    elif busy is not None and busy >= SATURATED and (saturation(s) or "").startswith("**saturated"):
         found.append((1, f"compute: engines busy {pct(busy, 0)} of the time"))
     t = o.get("timeout", 0)
     if t:
         found.append((t, f"{t} requests timed out"))
+    err = sum(o.get(k, 0) for k in ("http_error", "connection_error", "stream_error"))
+    if err:
+        found.append((err, f"{err} requests failed (HTTP, connection or stream errors)"))
     return [text for _, text in sorted(found, key=lambda x: -x[0])]
 
 
@@ -107,21 +115,33 @@ def utilisation(s: dict) -> str:
     return f"utilisation: engines busy {pct(eng.get('busy_share'), 0)} of the time" + (f" ({each})" if len(shares) > 1 else "") + kvtxt
 
 
+def queueing_share(s: dict):
+    """p95 queue wait over p95 TTFT of the streamed classes (None where the wait is unobservable)."""
+    lat = (s.get("latency_by_stream") or {}).get("streamed") or s["latency"]
+    wait, ttft = lat.get("queue_wait", {}).get("p95"), lat.get("ttft", {}).get("p95")
+    return None if wait is None or not ttft else wait / ttft
+
+
 def saturation(s: dict) -> str | None:
+    """Busy engines alone are no saturation (a continuous-batching engine with one sequence is busy); busy
+    engines with requests queueing, shed or timing out are."""
     eng = s.get("engine") or {}
     busy = eng.get("busy_share")
-    ts = s.get("timeseries", {})
-    arr, done = sum(ts.get("arrivals", [])), sum(ts.get("completions", []))
     o = s["requests"]["outcomes"]
+    sent = s["goodput"].get("denominator", s["requests"]["generated"])
     shed = sum(o.get(k, 0) for k in SHED)
-    if busy is not None and busy >= SATURATED:
-        return (f"**saturated**: the engines were busy {pct(busy, 0)} of the time; more load only adds queueing "
-                f"and shedding ({shed} requests shed or timed out). Add replicas or lower the load.")
-    if busy is None and arr and shed / arr > 0.05:
-        return f"**likely saturated**: {shed} of {arr} requests shed, timed out or failed ({pct(shed / arr)})."
+    q = queueing_share(s)
+    pressed = (q is not None and q >= 0.5) or (sent and shed / sent > 0.01)
+    if busy is not None and busy >= SATURATED and pressed:
+        return (f"**saturated**: engines busy {pct(busy, 0)} of the time while requests queue"
+                + (f" (p95 wait {q * 100:.0f} % of p95 TTFT)" if q is not None else "")
+                + f" and {shed} were shed or timed out; more load only adds queueing and shedding. "
+                  "Add replicas or lower the load.")
+    if busy is None and sent and shed / sent > 0.05:
+        return f"**likely saturated**: {shed} of {sent} requests shed, timed out or failed ({pct(shed / sent)})."
     if busy is not None and busy >= BUSY:
-        return f"near saturation: engines busy {pct(busy, 0)} of the time."
-    del done
+        return (f"not saturated: engines busy {pct(busy, 0)} of the time (a batch always running) but requests "
+                "barely queue; the headroom is in batch slots, not idle time.")
     return None
 
 
@@ -129,7 +149,7 @@ def verdict_lines(s: dict, streamed: dict[str, bool]) -> list[str]:
     cls = per_class(s, streamed)
     met = [c for c, ok, _ in cls if ok]
     slo = s["goodput"]["slo"]
-    slo_txt = ", ".join(f"{k.removesuffix('_s').upper()} ≤ {fmt_ms(v)}" for k, v in slo.items() if v is not None)
+    slo_txt = slo_text(slo)
     head = "**SLOs met by every class**" if len(met) == len(cls) else \
         f"**SLOs missed by {len(cls) - len(met)} of {len(cls)} classes**"
     g = s["goodput"]
