@@ -49,12 +49,15 @@ def run(scenario: Path = typer.Argument(..., help="scenario YAML"),
         seed: Optional[int] = typer.Option(None, "--seed", help="override the scenario's seed"),
         set_: Optional[List[str]] = typer.Option(None, "--set", help="override a field: path=value (YAML value)"),
         no_plots: bool = typer.Option(False, "--no-plots", help="skip PNG plots"),
+        fmt: str = typer.Option("csv", "--format", help="requests file: csv (requests.csv) or parquet (requests.parquet)"),
         quiet: bool = typer.Option(False, "--quiet", "-q")):
-    """Simulate SCENARIO and write requests.csv, summary.json, report.md and plots."""
+    """Simulate SCENARIO and write requests.csv (or .parquet), summary.json, report.md and plots."""
     from .report import terminal_table
     from .run import run_scenario
     from .scenario import load_scenario
     sc = load_scenario(scenario, set_, seed)
+    if fmt not in ("csv", "parquet"):
+        raise InputError(str(scenario), "--format", f"expected csv or parquet, got {fmt!r}")
     out = out or default_out(sc.name)
     check_out_dir(out)
     progress_cb, bar = None, None
@@ -67,7 +70,7 @@ def run(scenario: Path = typer.Argument(..., help="scenario YAML"),
         def progress_cb(t, n):
             bar.update(task, completed=min(t, sc.duration_s), description=f"simulating {sc.name}: {n} done")
     try:
-        summary, _ = run_scenario(sc, out, plots=not no_plots, progress=progress_cb)
+        summary, _ = run_scenario(sc, out, plots=not no_plots, progress=progress_cb, fmt=fmt)
     finally:
         if bar is not None:
             bar.stop()

@@ -21,12 +21,23 @@ def write_json(path: Path, obj) -> None:
     path.write_text(json.dumps(obj, indent=2, sort_keys=True, allow_nan=False) + "\n")
 
 
-def write_report(out: Path, scenario, rows: list, summary_fn, plots: bool = True, title: str = "sim run") -> dict:
-    """Write the folder; `summary_fn(df)` builds the summary from the records DataFrame."""
+FORMATS = ("csv", "parquet")
+
+
+def write_report(out: Path, scenario, rows: list, summary_fn, plots: bool = True, title: str = "sim run",
+                 fmt: str = "csv") -> dict:
+    """Write the folder; `summary_fn(df)` builds the summary from the records DataFrame. fmt "parquet" writes
+    requests.parquet instead of requests.csv: the same rows and dtypes as the CSV reads back, so the summary
+    is the same whichever is written."""
     out.mkdir(parents=True, exist_ok=True)
     write_csv(out / "requests.csv", rows)
     (out / "scenario.yaml").write_text(dump_scenario(scenario))
     df = read_csv(out / "requests.csv")
+    if fmt == "parquet":
+        df.to_parquet(out / "requests.parquet", index=False)
+        (out / "requests.csv").unlink()
+    elif (out / "requests.parquet").exists():
+        (out / "requests.parquet").unlink()  # a stale one would be read by load_run before the new CSV
     summary = summary_fn(df)
     write_json(out / "summary.json", summary)
     drawn = write_plots(out, df, summary) if plots else []

@@ -18,7 +18,7 @@ def engine_summary(result) -> dict:
     return out
 
 
-def run_scenario(sc, out: Path, plots: bool = True, progress=None) -> tuple[dict, object]:
+def run_scenario(sc, out: Path, plots: bool = True, progress=None, fmt: str = "csv") -> tuple[dict, object]:
     result = simulate(sc, progress)
     extra = {"engine": engine_summary(result)}
     if getattr(result, "pool", None) is not None:
@@ -28,5 +28,5 @@ def run_scenario(sc, out: Path, plots: bool = True, progress=None) -> tuple[dict
             if key in st:
                 extra.setdefault(key, []).append(st[key])
     summary = write_report(Path(out), sc, result.rows,
-                           lambda df: summarize(df, sc, result.itl, result.series, "sim", extra), plots)
+                           lambda df: summarize(df, sc, result.itl, result.series, "sim", extra), plots, fmt=fmt)
     return summary, result
