@@ -264,7 +264,7 @@ def markdown(result: dict, configs, targets, mode: str) -> str:
 def terminal(result: dict, configs, targets, mode: str, console) -> None:
     from rich import box
     from rich.table import Table
-    t = Table(title=f"capacity of {result['scenario']} (SLO values at the answer)", box=box.SIMPLE_HEAD, padding=(0, 1), pad_edge=False)
+    t = Table(title=f"capacity of {result['scenario']} (SLO values at the answer)", box=box.SIMPLE_HEAD, padding=(0, 1, 0, 0), pad_edge=False)
     for a in result["axes"]:
         t.add_column(a.split(".")[-1], overflow="fold")
     t.add_column("answer req/s" if mode == "rate" else f"fewest {result['vary'].split('.')[-1]}", justify="right")

@@ -105,15 +105,19 @@ def profiles():
         fits = {r["profile"]: r for r in fit_report()}
     except ImportError:
         fits = {}
-    t = Table(title="cost-model profiles")
-    for col in ("profile", "model", "gpu", "source", "points", "MAPE %", "max %"):
-        t.add_column(col)
+    from rich import box
+    t = Table(title="cost-model profiles (fit error vs their source data)", box=box.SIMPLE_HEAD, padding=(0, 1, 0, 0),
+              pad_edge=False)
+    t.add_column("profile", no_wrap=True)  # the whole name: it is what engine.profile takes
+    t.add_column("gpu", no_wrap=True)
+    for col in ("points", "MAPE %", "max %"):
+        t.add_column(col, justify="right", no_wrap=True)
     for name in list_profiles():
         m = load_profile(name).meta
         f = fits.get(name, {})
-        t.add_row(name, str((m.get("model") or {}).get("name", "")), str((m.get("gpu") or {}).get("name", "")),
-                  str((m.get("source") or {}).get("dataset", "")), str(f.get("points", "")),
-                  f"{f['mape_pct']:.2f}" if "mape_pct" in f else "", f"{f['max_abs_pct']:.2f}" if "max_abs_pct" in f else "")
+        t.add_row(name, str((m.get("gpu") or {}).get("name", "")), 
+                  str(f.get("points", "")), f"{f['mape_pct']:.1f}" if "mape_pct" in f else "",
+                  f"{f['max_abs_pct']:.1f}" if "max_abs_pct" in f else "")
     Console().print(t)
 
 

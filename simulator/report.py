@@ -184,8 +184,8 @@ def terminal_table(s: dict, console) -> None:
     from rich import box
     from rich.table import Table
     streamed = streamed_of(s)
-    t = Table(title=f"{s['scenario']} ({s['source']}, seed {s['seed']}): p95 latencies in ms", box=box.SIMPLE_HEAD,
-              padding=(0, 1), pad_edge=False)
+    t = Table(title=f"{s['scenario']} ({s['source']}, seed {s['seed']}): latencies in ms", box=box.SIMPLE_HEAD,
+              padding=(0, 1, 0, 0), pad_edge=False)
     for col in ("class", "ok/gen", "wait p95", "TTFT p50", "TTFT p95", "TPOT p95", "E2E p95"):
         t.add_column(col, justify="right" if col != "class" else "left", no_wrap=col != "class", max_width=18)
     for c, d in s["latency_by_class"].items():

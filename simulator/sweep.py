@@ -178,7 +178,7 @@ def terminal_table(name: str, axes: list[str], rows: list[dict], console) -> Non
     """The overall row of every point, in at most 80 columns, units in the headers."""
     from rich import box
     from rich.table import Table
-    t = Table(title=f"sweep of {name} (overall; TTFT: worst streamed class)", box=box.SIMPLE_HEAD, padding=(0, 1), pad_edge=False)
+    t = Table(title=f"sweep of {name} (overall; TTFT: worst streamed class)", box=box.SIMPLE_HEAD, padding=(0, 1, 0, 0), pad_edge=False)
     for a in axes:
         t.add_column(a.split(".")[-1], no_wrap=True)
     for col in ("ok/gen", "TTFT\np95 ms", "TPOT\np95 ms", "E2E\np95 s", "goodput\nreq/s", "SLO\nmet"):
