@@ -39,7 +39,8 @@ def pareto_plot(out: Path, axes: list[str], rows: list[dict], name: str = "paret
             if y[i] > best:
                 front.append(i)
                 best = y[i]
-        ax.plot(x[front], y[front], color="gray", lw=1, ls="--", label="Pareto front", zorder=2)
+        ax.plot(x[front], y[front], color="black", lw=1, ls="--", marker="o", ms=11, mfc="none", zorder=2,
+                label="Pareto front (no point has more throughput at lower TTFT)")
         for k, (r, xi, yi) in enumerate(zip(pts, x, y)):  # staggered, so points close together stay readable
             ax.annotate(_label({a: r[a] for a in axes}), (xi, yi), fontsize=6, xytext=(4, 4 - 9 * (k % 3)),
                         textcoords="offset points")
@@ -47,7 +48,7 @@ def pareto_plot(out: Path, axes: list[str], rows: list[dict], name: str = "paret
         slo = pts[0].get("slo_ttft_s")
         if slo is not None:
             ax.axvline(slo * 1000, color="tab:red", ls=":", lw=1, label=f"TTFT SLO {slo * 1000:g} ms")
-        ax.legend(fontsize=7, loc="lower right")
+        ax.legend(fontsize=7, loc="best")
     else:
         ax.text(0.5, 0.5, "no point has a streamed class with completed requests", ha="center", transform=ax.transAxes)
     ax.set(xlabel="TTFT p95, worst streamed class (ms)", ylabel="throughput (completed requests/s)",
