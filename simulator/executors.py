@@ -63,7 +63,7 @@ class Executor:
                     if self.address:
                         ray.init(address=self.address, **kw)
                     else:
-                        ray.init(num_cpus=self.jobs, **kw)
+                        ray.init(num_cpus=self.jobs if self.jobs > 1 else None, **kw)  # --jobs 1: every CPU
                 except (ConnectionError, RuntimeError, ValueError) as exc:
                     raise InputError("--address", self.address or "local", f"cannot start or join Ray: {exc}") from None
                 self._ray_started = True
