@@ -7,8 +7,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
-import pandas as pd
 
 from .records import read_csv, write_csv
 from .scenario import dump_scenario

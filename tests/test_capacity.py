@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -109,7 +110,7 @@ def test_grid_configurations_are_searched_alike_whatever_the_jobs(tmp_path):
 def test_bad_targets_are_one_line_errors(tmp_path, slo, why):
     proc = subprocess.run([sys.executable, "-m", "simulator.cli", "capacity", str(BURST), "--slo", slo,
                            "--out", str(tmp_path / "x"), "-q"], capture_output=True, text=True, timeout=60,
-                          cwd=tmp_path, env={**__import__("os").environ, "PYTHONPATH": str(ROOT)})
+                          cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert proc.returncode == 2, proc.stderr
     assert why in proc.stderr and len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
     assert not (tmp_path / "x").exists()

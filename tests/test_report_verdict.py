@@ -4,6 +4,7 @@ client's report draws no plot of what a client cannot see."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -25,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def _run(name: str, out: Path, *args) -> tuple[str, dict, str, Path]:
     proc = subprocess.run([sys.executable, "-m", "simulator.cli", "run", str(ROOT / "scenarios" / f"{name}.yaml"),
                            "--out", str(out), *args], capture_output=True, text=True, timeout=300,
-                          env={**__import__("os").environ, "PYTHONPATH": str(ROOT)})
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert proc.returncode == 0, proc.stderr
     return (out / "report.md").read_text(), json.loads((out / "summary.json").read_text()), proc.stdout, out
 
