@@ -42,6 +42,11 @@ def write_plots(out: Path, df: pd.DataFrame, s: dict) -> list[str]:
         plt.close(fig)
         written.append(name)
 
+    if not len(ok):  # no completed request: no latency to draw, only what happened to the requests
+        if len(df):
+            _outcomes(plt, df, save)
+        return written
+
     # 1. TTFT CDF per class; a non-streamed class's "first token" is its whole response
     fig, ax = plt.subplots(figsize=(7, 4.2))
     for cls, g in ok.groupby("class_name", sort=True):
@@ -136,7 +141,12 @@ def write_plots(out: Path, df: pd.DataFrame, s: dict) -> list[str]:
                title="Batch size at first token")
         save(fig, BATCH)
 
-    # 5. outcomes per class, with counts
+    _outcomes(plt, df, save)
+    return written
+
+
+def _outcomes(plt, df, save) -> None:
+    """5. outcomes per class, with counts."""
     fig, ax = plt.subplots(figsize=(7, 4))
     tab = pd.crosstab(df["class_name"], df["outcome"])
     if len(tab):
@@ -146,4 +156,3 @@ def write_plots(out: Path, df: pd.DataFrame, s: dict) -> list[str]:
             ax.annotate(f"{total}", (i, total), ha="center", va="bottom", fontsize=7)
     ax.set(xlabel="class", ylabel="requests", title="Outcomes per class")
     save(fig, OUTCOMES)
-    return written

@@ -127,3 +127,16 @@ def test_never_sent_after_max_duration_are_not_misses(burst, tmp_path):
     assert s2["goodput"]["denominator"] == len(df) and "excluded_not_sent_max_duration" not in s2["goodput"]
     assert s2["goodput"]["slo_attainment"] < s["goodput"]["slo_attainment"]
     assert "never sent; they are left out of SLO attainment" in markdown(s, "stress run", [])
+
+
+def test_no_empty_plot_when_nothing_completed(burst, tmp_path):
+    sc = load_scenario(ROOT / "scenarios" / "burst_load.yaml")
+    df = _as_client_saw_it(burst[3])
+    failed = df.assign(outcome="connection_error", error="refused", ttft_s=np.nan, e2e_s=np.nan, tpot_s=np.nan,
+                       end_s=np.nan, output_tokens=0)
+    s = summarize(failed, sc, None, None, "stress", {"stress": {"api": "openai-chat", "workers": 1}})
+    from simulator.plots import OUTCOMES, write_plots
+    drawn = write_plots(tmp_path, failed, s)
+    assert drawn == [OUTCOMES] and sorted(p.name for p in tmp_path.glob("*.png")) == [OUTCOMES]
+    md = markdown(s, "stress run", drawn)
+    assert "**SLOs missed by 3 of 3 classes**" in md and "failed (HTTP, connection or stream errors)" in md
