@@ -10,9 +10,10 @@ it doubles (or halves) until the SLOs flip, then bisects the bracket [met, misse
 PATH=LO..HI` bisects an integer setting for the smallest value that meets every SLO. Both assume that more
 load never helps and more capacity never hurts (the table shows every probe, so a violation is visible).
 
-Each step of the search is one `sim run` with the same seed; every configuration of `--grid` is searched at
-once, one probe per configuration per round, so the probes of a round run in parallel (`--jobs`, `--executor
-ray`) and the answer does not depend on how many workers ran it.
+Each probe is one `sim run` with the same seed; every configuration of `--grid` is searched at once, `--probes`
+points per configuration per round (1: bisection; N: N doublings, or an (N+1)-section of the bracket), so the
+probes of a round run in parallel (`--jobs`, `--executor ray`) and the answer depends on `--probes`, never on
+how many workers ran it.
 """
 from __future__ import annotations
 
@@ -67,42 +68,56 @@ def parse_vary(text: str, where: str) -> tuple[str, int, int]:
     return m.group(1), lo, hi
 
 
-def rate_search(precision: float, start: float = 1.0):
-    """A generator: yields the next x to try, is sent whether it met every SLO, returns (answer, bracket).
+def _split(xs: list, mets: list[bool]):
+    """(largest x met below the first miss, first x missed) of increasing xs; None where there is none."""
+    k = next((i for i, m in enumerate(mets) if not m), len(xs))
+    return (xs[k - 1] if k else None), (xs[k] if k < len(xs) else None)
+
+
+def rate_search(precision: float, probes: int = 1, start: float = 1.0):
+    """A generator: yields the next xs to try (increasing), is sent whether each met every SLO, returns
+    (answer, bracket). With probes=1 it doubles or halves from `start` until the SLOs flip, then bisects; with
+    probes=N each round tries N points at once (N doublings, or the N inner points of an (N+1)-section), so a
+    round's probes run in parallel. The answer depends on N, never on how many workers ran the probes.
     answer None: missed even at the smallest x tried."""
-    met = yield start
+    (met,) = yield [start]
     lo, hi = (start, None) if met else (None, start)
-    for _ in range(MAX_STEPS):
-        if lo is not None and hi is not None:
-            break
-        x = (lo * 2) if hi is None else (hi / 2)
-        if (yield x):
-            lo = x
-        else:
-            hi = x
+    steps = 0
+    while (lo is None or hi is None) and steps < MAX_STEPS:
+        n = min(probes, MAX_STEPS - steps)
+        steps += n
+        if hi is None:  # every x so far met: go up
+            xs = [lo * 2 ** j for j in range(1, n + 1)]
+            below, above = _split(xs, (yield xs))
+            lo, hi = below or lo, above
+        else:  # every x so far missed: go down
+            xs = [hi / 2 ** j for j in range(n, 0, -1)]
+            below, above = _split(xs, (yield xs))
+            lo, hi = below, above or hi
     if lo is None or hi is None:
         return lo, (lo, hi)  # no upper bound found within MAX_STEPS doublings, or none met
     while hi > lo * (1 + precision):
-        x = (lo + hi) / 2
-        if (yield x):
-            lo = x
-        else:
-            hi = x
+        xs = [lo + (hi - lo) * i / (probes + 1) for i in range(1, probes + 1)]
+        below, above = _split(xs, (yield xs))
+        lo, hi = below or lo, above or hi
     return lo, (lo, hi)
 
 
-def int_search(lo: int, hi: int):
-    """Smallest v in [lo, hi] that meets every SLO (None if even hi misses), by bisection; hi is tried first."""
-    if not (yield hi):
+def int_search(lo: int, hi: int, probes: int = 1):
+    """Smallest v in [lo, hi] that meets every SLO (None if even hi misses); hi is tried first, then the
+    bracket (bad, good] is cut at `probes` inner points per round (bisection with 1)."""
+    (met,) = yield [hi]
+    if not met:
         return None, (hi, None)
-    good = hi
-    bad = lo - 1
+    good, bad = hi, lo - 1
     while good - bad > 1:
-        mid = (good + bad) // 2
-        if (yield mid):
-            good = mid
+        xs = sorted({bad + max(1, round((good - bad) * i / (probes + 1))) for i in range(1, probes + 1)} - {good})
+        mets = yield xs
+        first = next((i for i, m in enumerate(mets) if m), None)  # more capacity never hurts: F..F T..T
+        if first is None:
+            bad = xs[-1]
         else:
-            bad = mid
+            good, bad = xs[first], (xs[first - 1] if first else bad)
     return good, (bad if bad >= lo else None, good)
 
 
@@ -112,12 +127,13 @@ class Config:
     def __init__(self, index: int, point: dict, gen):
         self.index, self.point, self.gen = index, point, gen
         self.probes: list[dict] = []
-        self.answer, self.bracket, self.done = None, None, False
-        self.next_x = next(gen)
+        self.answer, self.bracket, self.done, self.rounds = None, None, False, 0
+        self.next_xs = next(gen)
 
-    def feed(self, met: bool) -> None:
+    def feed(self, mets: list[bool]) -> None:
+        self.rounds += 1
         try:
-            self.next_x = self.gen.send(met)
+            self.next_xs = self.gen.send(mets)
         except StopIteration as stop:
             self.answer, self.bracket = stop.value
             self.done = True
@@ -125,7 +141,7 @@ class Config:
 
 def capacity(scenario: Path, targets, out: Path, grid_items: list[str] | None = None, base_sets=None, seed=None,
              vary: str | None = None, precision: float = 0.02, jobs: int = 1, executor: str = "process",
-             address: str | None = None, progress=None) -> tuple[dict, list]:
+             address: str | None = None, progress=None, probes: int = 1) -> tuple[dict, list]:
     """Runs the searches, returns (result, configurations with their probes) and writes capacity.csv, capacity.md, capacity.json and capacity.png into `out`."""
     from .scenario import load_scenario
     base_sets = list(base_sets or [])
@@ -145,11 +161,11 @@ def capacity(scenario: Path, targets, out: Path, grid_items: list[str] | None = 
         sc = load_scenario(scenario, sets, seed)  # a bad grid value fails here, before anything runs
         if mode == "rate":
             rate_sets(sc, 1.0)
-            c = Config(i, point, rate_search(precision))
+            c = Config(i, point, rate_search(precision, probes))
             c.rate = base_rate(sc)
         else:
             load_scenario(scenario, sets + [f"{path}={hi}"], seed)
-            c = Config(i, point, int_search(lo, hi))
+            c = Config(i, point, int_search(lo, hi, probes))
             c.rate = base_rate(sc)
         c.sets, c.sc = sets, sc
         configs.append(c)
@@ -158,21 +174,25 @@ def capacity(scenario: Path, targets, out: Path, grid_items: list[str] | None = 
     with Executor(executor, jobs, address) as ex:
         while not all(c.done for c in configs):
             active = [c for c in configs if not c.done]
-            tasks = []
+            tasks, owners = [], []
             for c in active:
-                extra = rate_sets(c.sc, c.next_x) if mode == "rate" else [f"{path}={c.next_x}"]
-                tasks.append((str(scenario), c.sets + extra, seed, False))
-            for c, (summary, files) in zip(active, ex.map(tasks)):
-                x = c.next_x
+                for x in c.next_xs:
+                    extra = rate_sets(c.sc, x) if mode == "rate" else [f"{path}={x}"]
+                    tasks.append((str(scenario), c.sets + extra, seed, False))
+                    owners.append((c, x))
+            mets = {}
+            for (c, x), (summary, files) in zip(owners, ex.map(tasks)):
                 res = evaluate(summary, targets, streamed)
                 folder = f"points/{slug(k, {**c.point, ('rate_x' if mode == 'rate' else path): x})}"
                 write_files(out / folder, files)
                 c.probes.append(probe_row(c, x, mode, summary, res, folder))
                 k += 1
-                c.feed(all_met(res))
+                mets.setdefault(id(c), []).append(all_met(res))
+            for c in active:
+                c.feed(mets[id(c)])
             if progress is not None:
                 progress(k, sum(c.done for c in configs), len(configs))
-    result = {"scenario": base.name, "mode": mode, "precision": precision if mode == "rate" else None,
+    result = {"scenario": base.name, "mode": mode, "precision": precision if mode == "rate" else None, "probes": probes,
               "vary": path if mode == "vary" else None, "targets": [t.text() for t in targets],
               "axes": [p for p, _ in axes], "configs": [config_result(c, mode) for c in configs]}
     write_outputs(out, result, configs, targets, mode)
@@ -196,7 +216,7 @@ def probe_row(c: Config, x, mode: str, summary: dict, res: dict, folder: str) ->
 
 
 def config_result(c: Config, mode: str) -> dict:
-    d = {"point": c.point, "probes": len(c.probes), "bracket": list(c.bracket)}
+    d = {"point": c.point, "probes": len(c.probes), "rounds": c.rounds, "bracket": list(c.bracket)}
     if mode == "rate":
         d.update(rate_x=c.answer, offered_per_s=None if c.answer is None else round(c.rate * c.answer, 6),
                  base_offered_per_s=round(c.rate, 6))

@@ -28,6 +28,8 @@ def capacity_cmd(
         out: Optional[Path] = typer.Option(None, "--out", help="output folder (default reports/capacity_<name>)"),
         seed: Optional[int] = typer.Option(None, "--seed", help="override the scenario's seed (all probes)"),
         set_: Optional[List[str]] = typer.Option(None, "--set", help="override a field at every probe: path=value"),
+        probes: int = typer.Option(1, "--probes", min=1, max=64, help="points tried per search round (1: bisection; "
+                                   "N: N at once, an (N+1)-section; set it to the workers at hand)"),
         jobs: int = typer.Option(1, "--jobs", "-j", min=1, help="probes simulated at once"),
         executor: str = typer.Option("process", "--executor", help="process or ray (each probe a Ray task)"),
         address: Optional[str] = typer.Option(None, "--address", help="Ray cluster to join"),
@@ -51,7 +53,7 @@ def capacity_cmd(
         if not quiet:
             console.print(f"{k} probes run, {done}/{n} configurations answered")
     result, configs = capacity(scenario, targets, out, grid, set_, seed, vary, precision, jobs, executor, address,
-                               progress)
+                               progress, probes)
     if not quiet:
         terminal(result, configs, targets, result["mode"], Console(width=80))
     for i in range(len(result["configs"])):

@@ -72,6 +72,25 @@ def test_rate_answer_matches_a_brute_force_sweep(tmp_path):
     assert "![capacity](capacity.png)" in (out / "capacity.md").read_text()
 
 
+def test_more_probes_per_round_agree_within_the_precision(tmp_path):
+    """--probes 3 (a quadrisection, 3 probes a round) finds the same knee as bisection within the precision,
+    in fewer rounds, and its files do not depend on the number of workers."""
+    precision = 0.05
+    r1, one = _capacity(tmp_path, "--precision", str(precision), sets=[], name="bisect")
+    r3, three = _capacity(tmp_path, "--precision", str(precision), "--probes", "3", "--jobs", "2", sets=[],
+                          name="quad")
+    assert r1.exit_code == 0 and r3.exit_code == 0, r1.output + r3.output
+    a1 = json.loads((one / "capacity.json").read_text())["configs"][0]
+    a3 = json.loads((three / "capacity.json").read_text())["configs"][0]
+    lo, hi = a3["bracket"]
+    assert hi <= lo * (1 + precision) + 1e-12
+    assert abs(a3["rate_x"] - a1["rate_x"]) <= precision * max(a1["rate_x"], a3["rate_x"]) + 1e-12
+    r3b, again = _capacity(tmp_path, "--precision", str(precision), "--probes", "3", sets=[], name="quad1")
+    assert r3b.exit_code == 0
+    for f in ("capacity.csv", "capacity.json", "capacity.md"):
+        assert (three / f).read_bytes() == (again / f).read_bytes()
+
+
 def test_fewest_replicas_matches_every_count(tmp_path):
     r, out = _capacity(tmp_path, "--vary", "cluster.replicas=2..6", "--set", "scheduler.policy=fifo")
     assert r.exit_code == 0, r.output
