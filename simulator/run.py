@@ -18,12 +18,12 @@ def engine_summary(result) -> dict:
     return out
 
 
-def run_scenario(sc, out: Path, plots: bool = True, progress=None) -> tuple[dict, object]:
+def run_scenario(sc, out: Path, plots: bool = True, progress=None, fmt: str = "csv") -> tuple[dict, object]:
     result = simulate(sc, progress)
-    return write_result(result, out, plots), result
+    return write_result(result, out, plots, fmt=fmt), result
 
 
-def write_result(result, out: Path, plots: bool = True, more: dict | None = None) -> dict:
+def write_result(result, out: Path, plots: bool = True, more: dict | None = None, fmt: str = "csv") -> dict:
     """A simulation's report folder; `more` adds sections to summary.json."""
     sc = result.scenario
     extra = {"engine": engine_summary(result), **(more or {})}
@@ -34,4 +34,4 @@ def write_result(result, out: Path, plots: bool = True, more: dict | None = None
             if key in st:
                 extra.setdefault(key, []).append(st[key])
     return write_report(Path(out), sc, result.rows,
-                        lambda df: summarize(df, sc, result.itl, result.series, "sim", extra), plots)
+                        lambda df: summarize(df, sc, result.itl, result.series, "sim", extra), plots, fmt=fmt)
