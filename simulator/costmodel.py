@@ -15,6 +15,7 @@ matrix-multiply throughput. All coefficients are seconds.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, asdict
 from pathlib import Path
 
@@ -73,28 +74,64 @@ class CostModel:
         return {"meta": meta, **d}
 
 
+def _number(v, path, field, integer=False):
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        from .errors import InputError
+        raise InputError(path, field, f"not a number: {v!r}")
+    if not math.isfinite(v) or v < 0:
+        from .errors import InputError
+        raise InputError(path, field, f"must be a finite number >= 0, got {v!r}")
+    if integer and v != int(v):
+        from .errors import InputError
+        raise InputError(path, field, f"must be a whole number, got {v!r}")
+    return v
+
+
 def load_profile(name_or_path: str) -> CostModel:
-    """A profile by name (simulator/profiles/NAME.yaml) or by path."""
+    """A profile by name (simulator/profiles/NAME.yaml) or by path; every value checked (one-line errors)."""
+    from .errors import InputError
+    from .safeio import load_yaml_file
     path = Path(name_or_path)
     if not path.suffix:
         path = PROFILE_DIR / f"{name_or_path}.yaml"
-    from .errors import InputError
     if not path.exists():
         known = ", ".join(sorted(p.stem for p in PROFILE_DIR.glob("*.yaml")))
         raise InputError(str(path), "engine.profile", f"no such profile (known: {known})")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise InputError(str(path), "", f"not valid YAML: {str(exc).splitlines()[0]}") from None
+    raw = load_yaml_file(path)
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise InputError(str(path), "", f"expected a mapping at top level, got {type(raw).__name__}")
     coeffs = raw.get("coefficients", {})
+    if coeffs is None:
+        coeffs = {}
+    if not isinstance(coeffs, dict):
+        raise InputError(str(path), "coefficients", "expected a mapping of coefficient: seconds")
     unknown = set(coeffs) - set(COEFFICIENTS)
     if unknown:
-        raise InputError(str(path), "coefficients", f"unknown coefficient(s) {sorted(unknown)}")
-    kw = {k: float(v) for k, v in coeffs.items()}
+        raise InputError(str(path), "coefficients", f"unknown coefficient(s) {sorted(map(str, unknown))}")
+    kw = {k: float(_number(v, str(path), f"coefficients.{k}")) for k, v in coeffs.items()}
+    model = raw.get("model", {})
+    if model is None:
+        model = {}
+    if not isinstance(model, dict):
+        raise InputError(str(path), "model", "expected a mapping")
     for k in ("kv_bytes_per_token", "weight_bytes"):
-        if k in raw.get("model", {}):
-            kw[k] = int(raw["model"][k])
-    return CostModel(**kw, meta={k: v for k, v in raw.items() if k != "coefficients"})
+        if k in model:
+            v = _number(model[k], str(path), f"model.{k}", integer=True)
+            if v > 1e15:
+                raise InputError(str(path), f"model.{k}", f"{v:g} bytes is not a model size")
+            kw[k] = int(v)
+    if kw.get("kv_bytes_per_token", 1) < 1:
+        raise InputError(str(path), "model.kv_bytes_per_token", "must be >= 1")
+    tp = raw.get("tp")
+    if tp is not None and (isinstance(tp, bool) or not isinstance(tp, int) or not 1 <= tp <= 4096):
+        raise InputError(str(path), "tp", f"tensor-parallel degree must be a whole number from 1 to 4096, got {tp!r}")
+    cm = CostModel(**kw, meta={k: v for k, v in raw.items() if k != "coefficients"})
+    if not cm.overhead_s + cm.weights_s > 0:
+        raise InputError(str(path), "coefficients", "overhead_s + weights_s must be > 0 (a step that takes no "
+                                                    "time would let a run spin forever)")
+    return cm
 
 
 def scenario_profile(sc, name: str, field: str) -> CostModel:

@@ -9,9 +9,11 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import InputError
+from .limits import Limits, check_limits
+from .safeio import check_tree, load_yaml, load_yaml_file
 
 PosFloat = Annotated[float, Field(gt=0)]
 NonNegFloat = Annotated[float, Field(ge=0)]
@@ -21,7 +23,16 @@ TIER_PRIORITY = {"high": 0, "standard": 1, "batch": 2}
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # .inf / .nan are never a valid setting
+
+
+def _unique(items, key: str, what: str) -> None:
+    seen = set()
+    for i, x in enumerate(items):
+        v = getattr(x, key)
+        if v in seen:
+            raise ValueError(f"{what}[{i}].{key}: duplicate {key} {v!r} (ids must be unique)")
+        seen.add(v)
 
 
 # ---------------------------------------------------------------- tenants
@@ -56,6 +67,9 @@ class Tenants(Strict):
 
     @model_validator(mode="after")
     def _refs(self):
+        _unique(self.users, "id", "users")
+        _unique(self.projects, "id", "projects")
+        _unique(self.models, "name", "models")
         projects = {p.id for p in self.projects}
         for i, u in enumerate(self.users):
             if u.project not in projects:
@@ -77,7 +91,7 @@ class Constant(Strict):
 class Gamma(Strict):
     type: Literal["gamma"]
     rate: PosFloat
-    cv: PosFloat = 1.0  # vLLM's burstiness = 1 / cv²
+    cv: Annotated[float, Field(ge=1e-3, le=1e3)] = 1.0  # vLLM's burstiness = 1 / cv² (gamma shape must stay finite)
 
 
 class OnOff(Strict):
@@ -143,9 +157,15 @@ class Uniform(Strict):
 class LogNormal(Strict):
     type: Literal["lognormal"]
     mean: PosFloat  # mean of the distribution in tokens
-    sigma: PosFloat = 0.8  # sigma of the underlying normal
+    sigma: Annotated[float, Field(gt=0, le=10)] = 0.8  # sigma of the underlying normal
     min: PosInt = 1
     max: PosInt = 32768
+
+    @model_validator(mode="after")
+    def _order(self):
+        if self.min > self.max:
+            raise ValueError(f"min: {self.min} is above max ({self.max})")
+        return self
 
 
 class Exponential(Strict):
@@ -289,6 +309,11 @@ class Cluster(Strict):
     model_pool: list[ModelPoolEntry] = Field(default_factory=list)
     gpus: Optional[PosInt] = None  # model pool: GPUs available (one replica per GPU)
 
+    @model_validator(mode="after")
+    def _pool(self):
+        _unique(self.model_pool, "model", "model_pool")
+        return self
+
 
 class SLO(Strict):
     ttft_s: Optional[PosFloat] = None
@@ -312,6 +337,20 @@ class Scenario(Strict):
     engine: Engine = Field(default_factory=Engine)
     cluster: Cluster = Field(default_factory=Cluster)
     slo: SLO = Field(default_factory=SLO)
+    limits: Limits = Field(default_factory=Limits)  # caps on a run's size (simulator/limits.py)
+
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, v: str) -> str:
+        # the default report folder is reports/<name>: a name must never lead outside it
+        if not v.strip() or v != v.strip():
+            raise ValueError("must be a non-empty name without leading or trailing spaces")
+        if any(ch in v for ch in "/\\:") or ".." in v or any(ord(ch) < 32 or ord(ch) == 127 for ch in v):
+            raise ValueError(f"{v!r} is not a plain name (no '/', '\\', ':', '..' or control characters): "
+                             "it names the report folder reports/<name>")
+        if len(v) > 200:
+            raise ValueError(f"a name of {len(v)} characters; at most 200")
+        return v
 
     @model_validator(mode="after")
     def _stop_and_refs(self):
@@ -413,22 +452,17 @@ def parse_overrides(items: list[str] | None, file: str) -> list[tuple[str, Any]]
         if not k.strip():
             raise InputError(file, f"--set {item}", "empty path before '='")
         try:
-            out.append((k.strip(), yaml.safe_load(v)))
-        except yaml.YAMLError as exc:
-            raise InputError(file, k.strip(), f"--set value is not valid YAML: {getattr(exc, 'problem', exc)}") from None
+            out.append((k.strip(), load_yaml(v, file, k.strip())))
+        except InputError as exc:
+            raise InputError(file, k.strip(), f"--set value: {exc.reason}") from None
     return out
 
 
 def load_scenario(path: str | Path, overrides: list[str] | None = None, seed: int | None = None) -> Scenario:
+    """Parse, override, validate and check a scenario against its limits and data files: the one check
+    that `sim validate`, `sim run`, `sim sweep`, `sim serve` and `stress run` share."""
     path = Path(path)
-    if not path.exists():
-        raise InputError(str(path), "", "file not found")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"line {mark.line + 1}" if mark else ""
-        raise InputError(str(path), where, f"not valid YAML: {getattr(exc, 'problem', exc)}") from None
+    data = load_yaml_file(path)
     if not isinstance(data, dict):
         raise InputError(str(path), "", "expected a mapping at top level")
     for k, v in parse_overrides(overrides, str(path)):
@@ -440,8 +474,11 @@ def load_scenario(path: str | Path, overrides: list[str] | None = None, seed: in
             raise InputError(str(path), k, "--set path is malformed (list indices are written [0])") from None
     if seed is not None:
         data["seed"] = seed
+    if overrides:
+        check_tree(data, str(path))
     sc = scenario_from_dict(data, str(path))
     _check_files(sc, path)
+    check_limits(sc, str(path))
     return sc
 
 
@@ -474,8 +511,12 @@ def _check_files(sc: Scenario, path: Path) -> None:
                 rp = resolve_path(p, path)
                 if not rp.exists():
                     raise InputError(str(path), f"workload.classes[{i}].{field}.path", f"file not found: {p}")
+                if rp.is_dir():
+                    raise InputError(str(path), f"workload.classes[{i}].{field}.path", f"is a folder, not a file: {p}")
                 object.__setattr__(spec, "path", str(rp))
 
 
 def dump_scenario(sc: Scenario) -> str:
-    return yaml.safe_dump(sc.model_dump(mode="json"), sort_keys=False)
+    # limits appear only when the scenario set them (a default run's scenario.yaml is as before)
+    exclude = None if "limits" in sc.model_fields_set else {"limits"}
+    return yaml.safe_dump(sc.model_dump(mode="json", exclude=exclude), sort_keys=False)
