@@ -97,7 +97,7 @@ def load_profile(name_or_path: str) -> CostModel:
     if not path.exists():
         known = ", ".join(sorted(p.stem for p in PROFILE_DIR.glob("*.yaml")))
         raise InputError(str(path), "engine.profile", f"no such profile (known: {known})")
-    raw = load_yaml_file(path)
+    raw = load_yaml_file(path, "" if path.is_file() else "engine.profile")
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
@@ -137,10 +137,14 @@ def load_profile(name_or_path: str) -> CostModel:
 def scenario_profile(sc, name: str, field: str) -> CostModel:
     """A profile named by a scenario; a bad name is the scenario file's error, not the profile folder's."""
     from .errors import InputError
+    src = getattr(sc, "_source", "<scenario>")
     try:
         return load_profile(name)
     except InputError as exc:
-        raise InputError(getattr(sc, "_source", "<scenario>"), field, f"{exc.reason}: {name!r}") from None
+        if exc.field == "engine.profile":  # no such profile: the scenario's field is what is wrong
+            raise InputError(src, field, f"{exc.reason}: {name!r}") from None
+        # the profile file itself is bad: name it and the field in it, and which scenario field pointed there
+        raise InputError(exc.file, exc.field, f"{exc.reason} ({field} of {src})") from None
 
 
 def list_profiles() -> list[str]:

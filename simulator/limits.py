@@ -39,8 +39,8 @@ TOKEN_FIELDS = {"value", "low", "high", "min", "max", "mean", "tokens", "max_tok
                 "max_max_tokens", "n_ctx", "n_batch", "max_num_batched_tokens", "long_prefill_threshold", "block_tokens"}
 
 
-def _over(file, field, value, name, lim, unit=""):
-    raise InputError(file, field, f"{value:,.6g}{unit} is over limits.{name} = {lim:,.6g}{unit}; {HOW}")
+def _over(file, field, value, name, lim, unit="", what=""):
+    raise InputError(file, field, f"{value:,.6g}{unit}{what} is over limits.{name} = {lim:,.6g}{unit}; {HOW}")
 
 
 def _walk(model, path=""):
@@ -104,7 +104,7 @@ def check_limits(sc, file: str) -> None:
         _over(file, "cluster.gpus", cl.gpus, "gpus", L.gpus)
     users = sum(c.arrival.users for c in sc.workload.classes if c.arrival.type == "closed_loop")
     if users > L.users:
-        _over(file, "workload.classes", users, "users", L.users, " closed-loop users")
+        _over(file, "workload.classes", users, "users", L.users, "", " closed-loop users")
 
     # cost profiles: read once here (cached), so a bad one is refused by validate too
     cost = _profile(sc, e.profile, "engine.profile")
@@ -115,8 +115,8 @@ def check_limits(sc, file: str) -> None:
         for where, c in costs:
             nb = kv_blocks(e, c)
             if nb > L.kv_blocks:
-                _over(file, "engine.gpu_memory_gb", nb, "kv_blocks", L.kv_blocks,
-                      f" KV blocks (derived with the {where} profile)")
+                _over(file, "engine.gpu_memory_gb", nb, "kv_blocks", L.kv_blocks, " blocks",
+                      f" (derived with the {where} profile)")
     if cl.model_pool and cl.gpus is None:
         per_gpu = e.gpu_memory_gb * e.gpu_memory_utilization * 1e9
         total = 0
@@ -125,7 +125,7 @@ def check_limits(sc, file: str) -> None:
             w = p.weight_gb * 1e9 if p.weight_gb else float(c.weight_bytes)
             total += max(int(c.meta.get("tp") or 1), math.ceil(w / per_gpu)) * p.replicas
         if total > L.gpus:
-            _over(file, "cluster.model_pool", total, "gpus", L.gpus, " GPUs (derived from the models' weights)")
+            _over(file, "cluster.model_pool", total, "gpus", L.gpus, " GPUs", " (derived from the models' weights)")
 
     _check_requests(sc, file, cost)
 
@@ -154,7 +154,7 @@ def _check_requests(sc, file, cost) -> None:
                 vals, _ = read_empirical(spec.path, spec.column, spec.field)
                 if vals.size and int(vals.max()) > L.tokens:
                     _over(spec.path, spec.column or spec.field or "", int(vals.max()), "tokens", L.tokens,
-                          f" tokens (in {where}.{f})")
+                          " tokens", f" (in {where}.{f})")
         if a.type == "closed_loop":
             closed = True
             if n is None:  # duration-bounded: each user's cycle takes at least its think time or one engine step
@@ -172,12 +172,12 @@ def _check_requests(sc, file, cost) -> None:
                 span = float(t[sel[-1]] - t[sel[0]])
                 if span > L.horizon_s:
                     _over(a.path, f"{where}.arrival (time_scale {a.time_scale:g})", span, "horizon_s", L.horizon_s,
-                          " s of trace")
+                          " s", " of trace")
                 for f, arr in (("prompt_tokens", data.prompt), ("output_tokens", data.output)):
                     if getattr(c, f).type == "trace":
                         m = int(arr[sel].max())
                         if m > L.tokens:
-                            _over(a.path, f"{where}.{f}", m, "tokens", L.tokens, " tokens in one trace row")
+                            _over(a.path, f"{where}.{f}", m, "tokens", L.tokens, " tokens", " in one trace row")
             expected += sel.size
             continue
         mean, peak = _rates(a)
@@ -190,17 +190,17 @@ def _check_requests(sc, file, cost) -> None:
             h = 3.0 * n / max(mean, 1e-9) + 60.0  # the generators' open-ended horizon (workload._finite)
         if a.type in ("onoff", "piecewise") and peak * h > L.arrival_draws:
             _over(file, f"{where}.arrival", peak * h, "arrival_draws", L.arrival_draws,
-                  " candidate arrivals (peak rate x horizon)")
+                  "", " candidate arrivals (peak rate x horizon)")
     if dur is None and n is not None and not closed and open_rate > 0:
         # a count-bounded run lasts about num_requests / rate; trace classes end with their trace
         span = n / open_rate
         if span > L.horizon_s:
-            _over(file, "num_requests", span, "horizon_s", L.horizon_s,
-                  f" s to draw {n:,} requests at {open_rate:.6g}/s")
+            _over(file, "num_requests", span, "horizon_s", L.horizon_s, " s",
+                  f" (to draw {n:,} requests at {open_rate:.6g}/s)")
     total = n if dur is None and n is not None else expected if n is None else min(n, expected)
     if total > L.requests:
         field = "num_requests" if n is not None and total == n else "duration_s" if dur is not None else "workload"
-        _over(file, field, total, "requests", L.requests, " requests (expected)")
+        _over(file, field, total, "requests", L.requests, " requests", " (expected)")
 
 
 def limits_doc() -> str:

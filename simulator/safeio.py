@@ -57,7 +57,7 @@ def read_bytes(path: str | Path, max_bytes: int, field: str = "", limit_name: st
         raise InputError(str(p), field, "not a regular file (a device, pipe or socket cannot be read as input)")
     hint = f" ({limit_name})" if limit_name else ""
     if st.st_size > max_bytes:
-        raise InputError(str(p), field, f"file is {st.st_size:,} bytes, over the limit of {max_bytes:,}{hint}")
+        raise InputError(str(p), field, f"file is {st.st_size:,} bytes, over the limit of {max_bytes:,} bytes{hint}")
     try:
         with open(p, "rb") as fh:
             data = fh.read(min(max_bytes, st.st_size) + 1)  # a file that grows past its size is read only so far
