@@ -123,7 +123,10 @@ def _check_depth(text: str, file: str, where: str) -> None:
     """Nesting depth from the event stream (iterative), before the recursive composer sees the text."""
     max_depth = env_limit("SERVESIM_MAX_YAML_DEPTH")
     depth = 0
-    loader = UniqueKeyLoader(text)
+    try:
+        loader = UniqueKeyLoader(text)
+    except yaml.YAMLError as exc:
+        raise _yaml_error(exc, file, where) from None
     try:
         while loader.check_event():
             ev = loader.get_event()

@@ -434,13 +434,16 @@ def set_path(data: dict, path: str, value: Any) -> None:
             parts.append(int(idx))
         if seg:
             parts.append(seg)
+    if not parts:
+        raise KeyError(path)
     cur: Any = data
-    for p in parts[:-1]:
-        if isinstance(p, int):
-            cur = cur[p]
+    for p, nxt in zip(parts, parts[1:] + [None]):
+        if not isinstance(cur, list if isinstance(p, int) else dict):
+            raise TypeError(f"{p!r} indexes a {type(cur).__name__}")  # e.g. name.x, or a list index on a mapping
+        if nxt is None:
+            cur[p] = value  # (IndexError for a list index past the end)
         else:
-            cur = cur.setdefault(p, {})
-    cur[parts[-1]] = value
+            cur = cur[p] if isinstance(p, int) else cur.setdefault(p, {})
 
 
 def parse_overrides(items: list[str] | None, file: str) -> list[tuple[str, Any]]:
