@@ -126,7 +126,7 @@ VALUES = st.one_of(
     st.lists(st.tuples(st.floats(0, 1e7), st.floats(0, 1e7)), max_size=4),
     st.dictionaries(st.sampled_from(["type", "rate", "value", "users", "mean", "x"]), st.integers(-3, 10 ** 7), max_size=3),
 )
-MUTATION = st.tuples(st.sampled_from(["set", "set", "set", "delete", "dup", "unknown_key"]),
+MUTATION = st.tuples(st.sampled_from(["set", "set", "scale", "scale", "delete", "dup", "unknown_key"]),
                      st.floats(0, 1, exclude_max=True), VALUES)
 
 
@@ -143,6 +143,11 @@ def _mutate(d: dict, muts) -> dict:
         key = path[-1]
         if op == "set":
             parent[key] = value
+        elif op == "scale":  # a plausible value made 10^k times bigger or smaller: probes the limits
+            v = parent[key]
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and isinstance(value, int):
+                k = value % 25 - 12
+                parent[key] = type(v)(v * 10 ** k) if isinstance(v, float) or k >= 0 else max(1, v // 10 ** -k)
         elif op == "delete":
             del parent[key]
         elif op == "dup" and isinstance(parent[key], list) and parent[key]:
