@@ -32,6 +32,7 @@ class Limits(BaseModel):
     tokens: Annotated[int, Field(gt=0)] = 10_000_000  # one request's prompt or output, a context, a batch
     trace_rows: Annotated[int, Field(gt=0)] = 5_000_000  # lines in one trace or length file
     file_bytes: Annotated[int, Field(gt=0)] = 64 << 20  # one trace or length file (64 MiB)
+    prefix_blocks: Annotated[int, Field(gt=0)] = 10_000_000  # prefix-block ids the synthetic prefixes of a run carry
 
 
 DEFAULT = Limits()
@@ -39,8 +40,12 @@ TOKEN_FIELDS = {"value", "low", "high", "min", "max", "mean", "tokens", "max_tok
                 "max_max_tokens", "n_ctx", "n_batch", "max_num_batched_tokens", "long_prefill_threshold", "block_tokens"}
 
 
+def _num(v) -> str:
+    return f"{int(v):,}" if float(v).is_integer() and abs(v) < 1e15 else f"{v:,.6g}"
+
+
 def _over(file, field, value, name, lim, unit="", what=""):
-    raise InputError(file, field, f"{value:,.6g}{unit}{what} is over limits.{name} = {lim:,.6g}{unit}; {HOW}")
+    raise InputError(file, field, f"{_num(value)}{unit}{what} is over limits.{name} = {_num(lim)}{unit}; {HOW}")
 
 
 def _walk(model, path=""):
@@ -58,6 +63,8 @@ def _walk(model, path=""):
                     yield from _walk(x, f"{p}[{i}]")
                 elif isinstance(x, tuple):  # piecewise knots (time_s, rate)
                     yield f"{p}[{i}][0]", "knot_s", x[0]
+                elif name == "values":  # sequence lengths
+                    yield f"{p}[{i}]", "value", x
         else:
             yield p, name, v
 
@@ -127,6 +134,12 @@ def check_limits(sc, file: str) -> None:
         if total > L.gpus:
             _over(file, "cluster.model_pool", total, "gpus", L.gpus, " GPUs", " (derived from the models' weights)")
 
+    for i, c in enumerate(sc.workload.classes):
+        for f in ("prompt_tokens", "output_tokens"):
+            period = getattr(getattr(c, f), "period", None)  # a sequence is laid out period by period
+            if period and period > L.requests:
+                _over(file, f"workload.classes[{i}].{f}.repeat", period, "requests", L.requests, " lengths",
+                      " in one period (values x repeat)")
     _check_requests(sc, file, cost)
 
 
@@ -140,57 +153,20 @@ def _precheck(path: str, L: Limits, field: str) -> None:
 
 
 def _check_requests(sc, file, cost) -> None:
-    from .traces import read_empirical, read_trace
-    import numpy as np
     L: Limits = sc.limits
     dur, n = sc.duration_s, sc.num_requests
-    open_rate, expected, closed = 0.0, 0.0, False
+    open_rate, expected, closed, blocks = 0.0, 0.0, False, 0.0
     for i, c in enumerate(sc.workload.classes):
-        a, where = c.arrival, f"workload.classes[{i}]"
-        for f in ("prompt_tokens", "output_tokens"):
-            spec = getattr(c, f)
-            if spec.type == "empirical":
-                _precheck(spec.path, L, f"{where}.{f}")
-                vals, _ = read_empirical(spec.path, spec.column, spec.field)
-                if vals.size and int(vals.max()) > L.tokens:
-                    _over(spec.path, spec.column or spec.field or "", int(vals.max()), "tokens", L.tokens,
-                          " tokens", f" (in {where}.{f})")
-        if a.type == "closed_loop":
-            closed = True
-            if n is None:  # duration-bounded: each user's cycle takes at least its think time or one engine step
-                cycle = max(a.think_time_s, cost.overhead_s + cost.weights_s, 1e-3)
-                expected += a.users * dur / cycle
-            continue
-        if a.type == "trace":
-            _precheck(a.path, L, f"{where}.arrival")
-            data = read_trace(a.format, a.path)
-            t = data.t * a.time_scale
-            sel = np.nonzero(t >= a.start_s * a.time_scale)[0]
-            if a.limit:
-                sel = sel[: a.limit]
-            if sel.size:
-                span = float(t[sel[-1]] - t[sel[0]])
-                if span > L.horizon_s:
-                    _over(a.path, f"{where}.arrival (time_scale {a.time_scale:g})", span, "horizon_s", L.horizon_s,
-                          " s", " of trace")
-                for f, arr in (("prompt_tokens", data.prompt), ("output_tokens", data.output)):
-                    if getattr(c, f).type == "trace":
-                        m = int(arr[sel].max())
-                        if m > L.tokens:
-                            _over(a.path, f"{where}.{f}", m, "tokens", L.tokens, " tokens", " in one trace row")
-            expected += sel.size
-            continue
-        mean, peak = _rates(a)
-        open_rate += mean
-        h = 0.0
-        if dur is not None:
-            h = dur if not (a.type == "piecewise" and not a.repeat) else min(dur, a.points[-1][0])
-            expected += mean * h
-        elif n is not None:
-            h = 3.0 * n / max(mean, 1e-9) + 60.0  # the generators' open-ended horizon (workload._finite)
-        if a.type in ("onoff", "piecewise") and peak * h > L.arrival_draws:
-            _over(file, f"{where}.arrival", peak * h, "arrival_draws", L.arrival_draws,
-                  "", " candidate arrivals (peak rate x horizon)")
+        k, rate = _class_requests(sc, i, c, cost, file)
+        expected += k
+        open_rate += rate
+        closed |= c.arrival.type == "closed_loop"
+        if c.prefix is not None:  # each request carrying a prefix holds tokens // block_tokens block ids
+            per = c.prefix.tokens // c.prefix.block_tokens
+            blocks += (k if n is None else n if dur is None else min(n, k)) * c.prefix.share * per
+            if blocks > L.prefix_blocks:
+                _over(file, f"workload.classes[{i}].prefix", blocks, "prefix_blocks", L.prefix_blocks, "",
+                      " prefix-block ids (requests x share x tokens / block_tokens)")
     if dur is None and n is not None and not closed and open_rate > 0:
         # a count-bounded run lasts about num_requests / rate; trace classes end with their trace
         span = n / open_rate
@@ -201,6 +177,57 @@ def _check_requests(sc, file, cost) -> None:
     if total > L.requests:
         field = "num_requests" if n is not None and total == n else "duration_s" if dur is not None else "workload"
         _over(file, field, total, "requests", L.requests, " requests", " (expected)")
+
+
+def _class_requests(sc, i, c, cost, file) -> tuple[float, float]:
+    """(expected requests, mean open-loop rate) of one class; its data files checked on the way."""
+    from .traces import read_empirical, read_trace
+    import numpy as np
+    L: Limits = sc.limits
+    dur, n = sc.duration_s, sc.num_requests
+    a, where = c.arrival, f"workload.classes[{i}]"
+    for f in ("prompt_tokens", "output_tokens"):
+        spec = getattr(c, f)
+        if spec.type == "empirical":
+            _precheck(spec.path, L, f"{where}.{f}")
+            vals, _ = read_empirical(spec.path, spec.column, spec.field)
+            if vals.size and int(vals.max()) > L.tokens:
+                _over(spec.path, spec.column or spec.field or "", int(vals.max()), "tokens", L.tokens,
+                      " tokens", f" (in {where}.{f})")
+    if a.type == "closed_loop":
+        if n is None:  # duration-bounded: each user's cycle takes at least its think time or one engine step
+            cycle = max(a.think_time_s, cost.overhead_s + cost.weights_s, 1e-3)
+            return a.users * dur / cycle, 0.0
+        return float(n), 0.0
+    if a.type == "trace":
+        _precheck(a.path, L, f"{where}.arrival")
+        data = read_trace(a.format, a.path)
+        t = data.t * a.time_scale
+        sel = np.nonzero(t >= a.start_s * a.time_scale)[0]
+        if a.limit:
+            sel = sel[: a.limit]
+        if sel.size:
+            span = float(t[sel[-1]] - t[sel[0]])
+            if span > L.horizon_s:
+                _over(a.path, f"{where}.arrival (time_scale {a.time_scale:g})", span, "horizon_s", L.horizon_s,
+                      " s", " of trace")
+            for f, arr in (("prompt_tokens", data.prompt), ("output_tokens", data.output)):
+                if getattr(c, f).type == "trace":
+                    m = int(arr[sel].max())
+                    if m > L.tokens:
+                        _over(a.path, f"{where}.{f}", m, "tokens", L.tokens, " tokens", " in one trace row")
+        return float(sel.size), 0.0
+    mean, peak = _rates(a)
+    h, k = 0.0, float(n or 0)
+    if dur is not None:
+        h = dur if not (a.type == "piecewise" and not a.repeat) else min(dur, a.points[-1][0])
+        k = mean * h
+    elif n is not None:
+        h = 3.0 * n / max(mean, 1e-9) + 60.0  # the generators' open-ended horizon (workload._finite)
+    if a.type in ("onoff", "piecewise") and peak * h > L.arrival_draws:
+        _over(file, f"{where}.arrival", peak * h, "arrival_draws", L.arrival_draws,
+              "", " candidate arrivals (peak rate x horizon)")
+    return k, mean
 
 
 def limits_doc() -> str:

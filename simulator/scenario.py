@@ -208,6 +208,14 @@ class PrefixGroups(Strict):
     share: Annotated[float, Field(ge=0, le=1)] = 1.0  # fraction of requests that carry one
     block_tokens: PosInt = 64  # granularity of the prefix hashes
 
+    @model_validator(mode="after")
+    def _ids(self):
+        # block ids are class base + group * 100,000 + block: more blocks would make two groups' prefixes collide
+        if self.tokens // self.block_tokens > 100_000:
+            raise ValueError(f"tokens: {self.tokens // self.block_tokens:,} blocks of {self.block_tokens} tokens in one "
+                             "prefix; at most 100,000 (ids of neighbouring groups would collide)")
+        return self
+
 
 class TrafficClass(Strict):
     name: str
@@ -412,7 +420,7 @@ def _loc(loc: tuple) -> str:
         if isinstance(part, int):
             out += f"[{part}]"
         elif part in ("poisson", "constant", "gamma", "onoff", "piecewise", "closed_loop", "trace",
-                      "fixed", "uniform", "lognormal", "exponential", "empirical") and out.endswith(("arrival", "tokens")):
+                      "fixed", "uniform", "lognormal", "exponential", "empirical", "sequence") and out.endswith(("arrival", "tokens")):
             continue  # pydantic's union tag adds nothing for the reader
         else:
             out += f".{part}" if out else str(part)
