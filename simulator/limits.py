@@ -33,6 +33,7 @@ class Limits(BaseModel):
     trace_rows: Annotated[int, Field(gt=0)] = 5_000_000  # lines in one trace or length file
     file_bytes: Annotated[int, Field(gt=0)] = 64 << 20  # one trace or length file (64 MiB)
     prefix_blocks: Annotated[int, Field(gt=0)] = 10_000_000  # prefix-block ids the synthetic prefixes of a run carry
+    engine_steps: Annotated[int, Field(gt=0)] = 20_000_000  # engine steps a run needs at least (prefill chunks, steps)
 
 
 DEFAULT = Limits()
@@ -155,9 +156,24 @@ def _precheck(path: str, L: Limits, field: str) -> None:
 def _check_requests(sc, file, cost) -> None:
     L: Limits = sc.limits
     dur, n = sc.duration_s, sc.num_requests
-    open_rate, expected, closed, blocks = 0.0, 0.0, False, 0.0
+    open_rate, expected, closed, blocks, steps = 0.0, 0.0, False, 0.0, 0.0
+    e = sc.engine
     for i, c in enumerate(sc.workload.classes):
         k, rate = _class_requests(sc, i, c, cost, file)
+        kk = k if n is None else n if dur is None else min(n, k)
+        # the fewest steps the requests need: prompt chunks of the step budget, and with fast-forward off
+        # one step per output token of a full batch
+        prompt, output = _mean_len(c, "prompt_tokens"), _mean_len(c, "output_tokens")
+        if c.prefix is not None:
+            prompt += c.prefix.tokens * c.prefix.share
+        chunk = e.max_num_batched_tokens if e.type == "continuous" else e.n_batch if e.type == "llamacpp" else None
+        steps += kk * (prompt / chunk if chunk else 0.0)
+        if not e.fast_forward:
+            width = {"continuous": e.max_num_seqs, "llamacpp": e.n_parallel}.get(e.type, e.max_batch_size)
+            steps += kk * output / width
+        if steps > L.engine_steps:
+            _over(file, f"workload.classes[{i}]", steps, "engine_steps", L.engine_steps, " steps",
+                  " (requests x mean prompt / step token budget" + (", + outputs / batch)" if not e.fast_forward else ")"))
         expected += k
         open_rate += rate
         closed |= c.arrival.type == "closed_loop"
@@ -177,6 +193,29 @@ def _check_requests(sc, file, cost) -> None:
     if total > L.requests:
         field = "num_requests" if n is not None and total == n else "duration_s" if dur is not None else "workload"
         _over(file, field, total, "requests", L.requests, " requests", " (expected)")
+
+
+def _mean_len(c, field) -> float:
+    """A length setting's mean in tokens (an estimate: clipping ignored where it only lowers it)."""
+    spec = getattr(c, field)
+    t = spec.type
+    if t == "fixed":
+        return float(spec.value)
+    if t == "uniform":
+        return (spec.low + spec.high) / 2
+    if t in ("lognormal", "exponential"):
+        return float(min(spec.mean, spec.max))
+    if t == "sequence":
+        return sum(spec.values) / len(spec.values)
+    if t == "empirical":
+        from .traces import read_empirical
+        vals, p = read_empirical(spec.path, spec.column, spec.field)
+        return float(vals.mean() if p is None else (vals * p).sum())
+    if t == "trace":
+        from .traces import read_trace
+        d = read_trace(c.arrival.format, c.arrival.path)
+        return float((d.prompt if field == "prompt_tokens" else d.output).mean())
+    return 1.0  # a kind this estimate does not know: counted as one token
 
 
 def _class_requests(sc, i, c, cost, file) -> tuple[float, float]:

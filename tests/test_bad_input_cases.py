@@ -327,6 +327,24 @@ def c_derived_kv_blocks(t):
             "engine.gpu_memory_gb", "limits.kv_blocks")
 
 
+def c_step_budget_of_one_token(t):
+    sc = cls(prompt_tokens={"type": "fixed", "value": 100_000})
+    sc["duration_s"] = 600
+    sc["engine"] = {"type": "continuous", "max_num_seqs": 1, "max_num_batched_tokens": 1}
+    return w(t, "s.yaml", sc), "s.yaml", "workload.classes[0]", "limits.engine_steps"
+
+
+def c_sequence_period(t):
+    return (w(t, "s.yaml", cls(output_tokens={"type": "sequence", "values": [1, 2, 3], "repeat": 10 ** 12})), "s.yaml",
+            "workload.classes[0].output_tokens.repeat", "limits.requests")
+
+
+def c_prefix_blocks(t):
+    sc = cls(prefix={"groups": 4, "tokens": 1_000_000, "block_tokens": 16})
+    sc["duration_s"] = 3600
+    return w(t, "s.yaml", sc), "s.yaml", "workload.classes[0].prefix", "limits.prefix_blocks"
+
+
 def c_drain_huge(t):
     return w(t, "s.yaml", base(drain_s=1e15)), "s.yaml", "drain_s", "limits.horizon_s"
 
@@ -347,7 +365,8 @@ def c_yaml_bytes_env(t):
 # cases that used to pass `validate` (or never got that far) and hang or blow up in `run`: both commands
 RUN_TOO = {"rate_1e12", "duration_1e15", "num_requests_1e15", "closed_loop_1e9_users", "replicas_1e7",
            "block_size_1e9", "n_parallel_1e9", "trace_8000_years", "scenario_50mb", "name_absolute",
-           "negative_profile_coefficient", "gamma_cv_tiny", "derived_kv_blocks", "piecewise_draws"}
+           "negative_profile_coefficient", "gamma_cv_tiny", "derived_kv_blocks", "piecewise_draws",
+           "step_budget_of_one_token", "sequence_period", "prefix_blocks"}
 CASES = {k[2:]: v for k, v in sorted(globals().items()) if k.startswith("c_")}
 PARAMS = [(n, cmd) for n in CASES for cmd in (("validate", "run") if n in RUN_TOO else ("validate",))]
 
