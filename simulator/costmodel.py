@@ -20,7 +20,6 @@ from dataclasses import dataclass, field, asdict
 from pathlib import Path
 
 import numpy as np
-import yaml
 
 PROFILE_DIR = Path(__file__).parent / "profiles"
 COEFFICIENTS = ("overhead_s", "prefill_overhead_s", "weights_s", "linear_per_token_s", "prefill_attn_s", "decode_ctx_s", "decode_seq_s")
