@@ -224,16 +224,28 @@ SET_VALUE = st.one_of(st.sampled_from(["1", "-1", "1e15", "10000000000000000", "
                       st.text(max_size=10))
 
 
+def _dotted(path) -> str:
+    return "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in path).lstrip(".")
+
+
+REAL = st.tuples(st.floats(0, 1, exclude_max=True), VALUES)  # a real path, a random value
+
+
 @settings(max_examples=n(300), **FAST)
 @given(base=st.sampled_from(range(len(SCENARIOS))),
-       sets=st.lists(st.tuples(st.lists(SEG, min_size=1, max_size=5), SET_VALUE), min_size=1, max_size=3),
+       sets=st.lists(st.one_of(st.tuples(st.lists(SEG, min_size=1, max_size=5), SET_VALUE), REAL), min_size=1, max_size=3),
        seed=st.one_of(st.none(), st.integers(-5, 2 ** 70)))
 def test_fuzz_set_overrides(base, sets, seed):
     items = []
     for segs, value in sets:
-        path = ""
-        for s in segs:
-            path += s if s.startswith("[") or not path else f".{s}"
+        if isinstance(segs, float):  # a path the scenario has, and a value of any type written as YAML
+            paths = [p for p in _paths(BASES[base]) if p]
+            path = _dotted(paths[int(segs * len(paths))])
+            value = yaml.safe_dump(value, default_flow_style=True, width=10 ** 6).removesuffix("\n...\n").strip()
+        else:
+            path = ""
+            for s in segs:
+                path += s if s.startswith("[") or not path else f".{s}"
         items.append(f"{path}={value}")
     out = T_SET(load_scenario, SCENARIOS[base], items, seed)
     assert out is None or isinstance(out, Scenario)
@@ -273,12 +285,14 @@ def test_fuzz_trace_readers_report(capsys):
 
 
 T_LEN = Tally("length files (sample column, histogram)")
-CELL = st.one_of(st.integers(-5, 10 ** 6), st.floats(allow_nan=True, allow_infinity=True),
+CELL = st.one_of(st.integers(1, 5000), st.integers(1, 5000), st.integers(1, 5000), st.floats(0, 1),
+                 st.integers(-5, 10 ** 6), st.floats(allow_nan=True, allow_infinity=True),
                  st.sampled_from(["", "x", "1e400", "inf", "-0", "2.5", '"', "\xe9"]))
 
 
 @settings(max_examples=n(200), **FAST)
-@given(hist=st.booleans(), rows=st.lists(st.tuples(CELL, CELL, CELL), min_size=0, max_size=6), raw=st.binary(max_size=8))
+@given(hist=st.booleans(), rows=st.lists(st.tuples(CELL, CELL, CELL), min_size=0, max_size=6),
+       raw=st.one_of(st.just(b""), st.just(b""), st.binary(max_size=8)))
 def test_fuzz_length_files(tmp, hist, rows, raw):
     if hist:
         text = "field,bin_lo_incl,bin_hi_excl,prob\n" + "".join(f"f,{a},{b},{c}\n" for a, b, c in rows)
