@@ -183,6 +183,10 @@ def _check_requests(sc, file, cost) -> None:
             if blocks > L.prefix_blocks:
                 _over(file, f"workload.classes[{i}].prefix", blocks, "prefix_blocks", L.prefix_blocks, "",
                       " prefix-block ids (requests x share x tokens / block_tokens)")
+    n_open = sum(c.arrival.type not in ("closed_loop", "trace") for c in sc.workload.classes)
+    if dur is None and n is not None and n * n_open > L.arrival_draws:  # each open class draws num_requests
+        _over(file, "workload.classes", n * n_open, "arrival_draws", L.arrival_draws, "",
+              f" arrivals drawn ({n_open} open-loop classes x num_requests)")
     if dur is None and n is not None and not closed and open_rate > 0:
         # a count-bounded run lasts about num_requests / rate; trace classes end with their trace
         span = n / open_rate
