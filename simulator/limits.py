@@ -156,7 +156,7 @@ def _precheck(path: str, L: Limits, field: str) -> None:
 def _check_requests(sc, file, cost) -> None:
     L: Limits = sc.limits
     dur, n = sc.duration_s, sc.num_requests
-    open_rate, expected, closed, blocks, steps = 0.0, 0.0, False, 0.0, 0.0
+    open_rate, expected, closed, blocks, steps, prefix_at = 0.0, 0.0, False, 0.0, 0.0, None
     e = sc.engine
     for i, c in enumerate(sc.workload.classes):
         k, rate = _class_requests(sc, i, c, cost, file)
@@ -171,22 +171,15 @@ def _check_requests(sc, file, cost) -> None:
         if not e.fast_forward:
             width = {"continuous": e.max_num_seqs, "llamacpp": e.n_parallel}.get(e.type, e.max_batch_size)
             steps += kk * output / width
-        if steps > L.engine_steps:
-            _over(file, f"workload.classes[{i}]", steps, "engine_steps", L.engine_steps, " steps",
-                  " (requests x mean prompt / step token budget" + (", + outputs / batch)" if not e.fast_forward else ")"))
+
         expected += k
         open_rate += rate
         closed |= c.arrival.type == "closed_loop"
         if c.prefix is not None:  # each request carrying a prefix holds tokens // block_tokens block ids
             per = c.prefix.tokens // c.prefix.block_tokens
             blocks += (k if n is None else n if dur is None else min(n, k)) * c.prefix.share * per
-            if blocks > L.prefix_blocks:
-                _over(file, f"workload.classes[{i}].prefix", blocks, "prefix_blocks", L.prefix_blocks, "",
-                      " prefix-block ids (requests x share x tokens / block_tokens)")
-    n_open = sum(c.arrival.type not in ("closed_loop", "trace") for c in sc.workload.classes)
-    if dur is None and n is not None and n * n_open > L.arrival_draws:  # each open class draws num_requests
-        _over(file, "workload.classes", n * n_open, "arrival_draws", L.arrival_draws, "",
-              f" arrivals drawn ({n_open} open-loop classes x num_requests)")
+            if blocks > L.prefix_blocks and prefix_at is None:
+                prefix_at = i
     if dur is None and n is not None and not closed and open_rate > 0:
         # a count-bounded run lasts about num_requests / rate; trace classes end with their trace
         span = n / open_rate
@@ -197,6 +190,16 @@ def _check_requests(sc, file, cost) -> None:
     if total > L.requests:
         field = "num_requests" if n is not None and total == n else "duration_s" if dur is not None else "workload"
         _over(file, field, total, "requests", L.requests, " requests", " (expected)")
+    n_open = sum(c.arrival.type not in ("closed_loop", "trace") for c in sc.workload.classes)
+    if dur is None and n is not None and n * n_open > L.arrival_draws:  # each open class draws num_requests
+        _over(file, "workload.classes", n * n_open, "arrival_draws", L.arrival_draws, "",
+              f" arrivals drawn ({n_open} open-loop class(es) x num_requests)")
+    if prefix_at is not None:
+        _over(file, f"workload.classes[{prefix_at}].prefix", blocks, "prefix_blocks", L.prefix_blocks, "",
+              " prefix-block ids (requests x share x tokens / block_tokens)")
+    if steps > L.engine_steps:
+        _over(file, "workload.classes", steps, "engine_steps", L.engine_steps, " steps",
+              " (requests x mean prompt / step token budget" + (", + outputs / batch)" if not e.fast_forward else ")"))
 
 
 def _mean_len(c, field) -> float:

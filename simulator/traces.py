@@ -132,6 +132,11 @@ def read_trace(fmt: str, path: str) -> TraceData:
     return read_azure(path) if fmt == "azure" else read_mooncake(path)
 
 
+def _cell(x):
+    """A CSV cell as the reader wrote it (numpy scalars as plain Python values)."""
+    return x.item() if hasattr(x, "item") else x
+
+
 @lru_cache(maxsize=16)
 def read_empirical(path: str, column: str | None, field: str | None) -> tuple[np.ndarray, np.ndarray]:
     """(values, probabilities) from a CSV column of samples or a histogram file."""
@@ -153,7 +158,7 @@ def read_empirical(path: str, column: str | None, field: str | None) -> tuple[np
             bad = ~np.isfinite(v)
             if bad.any():
                 line = int(sub.index[bad.argmax()]) + 2
-                raise InputError(path, f"line {line}: {col}", f"not a finite number: {sub[col].iloc[bad.argmax()]!r}")
+                raise InputError(path, f"line {line}: {col}", f"not a finite number: {_cell(sub[col].iloc[bad.argmax()])!r}")
             cols[col] = v
         lo, hi, p = cols["bin_lo_incl"], cols["bin_hi_excl"], cols["prob"]
         for bad, col, why in ((p < 0, "prob", "a probability cannot be negative"),
@@ -162,7 +167,7 @@ def read_empirical(path: str, column: str | None, field: str | None) -> tuple[np
                               (hi > MAX_COUNT, "bin_hi_excl", "not a token count")):
             if bad.any():
                 line = int(sub.index[bad.argmax()]) + 2
-                raise InputError(path, f"line {line}: {col}", f"{why}: {sub[col].iloc[bad.argmax()]!r}")
+                raise InputError(path, f"line {line}: {col}", f"{why}: {_cell(sub[col].iloc[bad.argmax()])!r}")
         total = p.sum()
         if not total > 0 or not np.isfinite(total):
             raise InputError(path, "prob", f"probabilities of field {field!r} sum to {total:g}; they need a positive sum")
@@ -179,7 +184,7 @@ def read_empirical(path: str, column: str | None, field: str | None) -> tuple[np
     for bad, why in ((~np.isfinite(f), "not a finite number"), (f != np.floor(f), "not a whole number of tokens"),
                      (f < 0, "a token count cannot be negative"), (f > MAX_COUNT, "not a token count")):
         if bad.any():
-            raise InputError(path, f"line {int(bad.argmax()) + 2}: {col}", f"{why}: {df[col].iloc[bad.argmax()]!r}")
+            raise InputError(path, f"line {int(bad.argmax()) + 2}: {col}", f"{why}: {_cell(df[col].iloc[bad.argmax()])!r}")
     v = vals.to_numpy(dtype=np.int64)
     v = v[v > 0]
     if v.size == 0:

@@ -331,7 +331,7 @@ def c_step_budget_of_one_token(t):
     sc = cls(prompt_tokens={"type": "fixed", "value": 100_000})
     sc["duration_s"] = 600
     sc["engine"] = {"type": "continuous", "max_num_seqs": 1, "max_num_batched_tokens": 1}
-    return w(t, "s.yaml", sc), "s.yaml", "workload.classes[0]", "limits.engine_steps"
+    return w(t, "s.yaml", sc), "s.yaml", "workload.classes", "limits.engine_steps"
 
 
 def c_sequence_period(t):
