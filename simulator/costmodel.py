@@ -127,9 +127,10 @@ def load_profile(name_or_path: str) -> CostModel:
     if tp is not None and (isinstance(tp, bool) or not isinstance(tp, int) or not 1 <= tp <= 4096):
         raise InputError(str(path), "tp", f"tensor-parallel degree must be a whole number from 1 to 4096, got {tp!r}")
     cm = CostModel(**kw, meta={k: v for k, v in raw.items() if k != "coefficients"})
-    if not cm.overhead_s + cm.weights_s > 0:
-        raise InputError(str(path), "coefficients", "overhead_s + weights_s must be > 0 (a step that takes no "
-                                                    "time would let a run spin forever)")
+    if not (cm.step_time(1, 1, 0, 0) > 0 and cm.step_time(0, 0, 1, 0) > 0):
+        raise InputError(str(path), "coefficients", "a step of one prompt token or one decode takes no time "
+                                                    "(all of overhead_s, weights_s, linear_per_token_s and the "
+                                                    "per-token terms are 0)")
     return cm
 
 

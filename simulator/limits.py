@@ -242,7 +242,7 @@ def _class_requests(sc, i, c, cost, file) -> tuple[float, float]:
                       " tokens", f" (in {where}.{f})")
     if a.type == "closed_loop":
         if n is None:  # duration-bounded: each user's cycle takes at least its think time or one engine step
-            cycle = max(a.think_time_s, cost.overhead_s + cost.weights_s, 1e-3)
+            cycle = max(a.think_time_s, cost.step_time(0, 0, 1, 0), 1e-3)
             return a.users * dur / cycle, 0.0
         return float(n), 0.0
     if a.type == "trace":
