@@ -71,6 +71,8 @@ def read_azure(path: str) -> TraceData:
             try:
                 # the trace has 7 fractional digits; datetime takes at most 6
                 head, _, frac = stamp.partition(".")
+                if frac and not (frac.isascii() and frac.isdigit()):  # "0." + "5e400" would be a float (inf)
+                    raise ValueError(stamp)
                 t = datetime.fromisoformat(head).timestamp() + (float("0." + frac) if frac else 0.0)
             except ValueError:
                 raise InputError(path, f"line {i}: TIMESTAMP", f"not a timestamp: {stamp!r}") from None

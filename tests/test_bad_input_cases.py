@@ -354,6 +354,11 @@ def c_trace_timestamp_overflow(t):
     return w(t, "s.yaml", trace_sc("mooncake", tr)), "tr.jsonl", "line 1: timestamp", "non-negative number"
 
 
+def c_azure_timestamp_fraction_overflow(t):  # found by the fuzz: "0." + "1e400..." parsed as a float is inf
+    tr = w(t, "tr.csv", "TIMESTAMP,ContextTokens,GeneratedTokens\n2023-11-16 18:17:03.1e400,10,5\n")
+    return w(t, "s.yaml", trace_sc("azure", tr)), "tr.csv", "line 2: TIMESTAMP", "not a timestamp"
+
+
 def c_bad_limits_section(t):
     return w(t, "s.yaml", base(limits={"requests": -1})), "s.yaml", "limits.requests", "greater than 0"
 
