@@ -28,7 +28,11 @@ def friendly(fn):
 
 
 def default_out(name: str) -> Path:
-    return Path("reports") / name
+    """reports/<name>; the scenario schema refuses names with separators or '..', and this checks again."""
+    out = Path("reports") / name
+    if out.parent != Path("reports") or name in ("", ".", ".."):
+        raise InputError(name, "name", "not a plain name: the default report folder would be outside reports/")
+    return out
 
 
 def check_out_dir(out: Path) -> None:
@@ -85,11 +89,10 @@ def validate(scenario: Path = typer.Argument(...),
              set_: Optional[List[str]] = typer.Option(None, "--set")):
     """Check a scenario without running it."""
     from .scenario import load_scenario
-    from .workload import build_stream
-    sc = load_scenario(scenario, set_)
-    stream, closed = build_stream(sc)  # reads traces and length files too
-    from .costmodel import scenario_profile
-    scenario_profile(sc, sc.engine.profile, "engine.profile")
+    from .world import World
+    sc = load_scenario(scenario, set_)  # schema, limits, data files and profiles: the checks `sim run` makes
+    world = World(sc)  # the request stream, engines and model pool, built as `sim run` builds them (not run)
+    stream, closed = world.stream, world.closed
     print(f"ok: {scenario}: {sc.name}, {len(sc.workload.classes)} class(es), {len(stream)} open-loop requests"
           + (f", {len(closed)} closed-loop class(es)" if closed else ""))
 
