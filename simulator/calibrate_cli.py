@@ -167,8 +167,9 @@ def fit_table(model: CostModel, fit_meta: dict) -> tuple[Table, Table]:
 
 @app.command("calibrate")
 @friendly
-def calibrate_cmd(steps: Path = typer.Argument(..., help="CSV of observed steps: prefill_tokens, prefill_attn, "
-                                                         "n_decode, decode_ctx, time_s [, weight]"),
+def calibrate_cmd(steps: List[Path] = typer.Argument(..., help="CSV of observed steps (prefill_tokens, prefill_attn, "
+                                                         "n_decode, decode_ctx, time_s [, weight]), or stress run "
+                                                         "folders (trace-only calibration)"),
                   name: Optional[str] = typer.Option(None, "--name", help="profile name (default: the CSV's file "
                                                      "name without .csv)"),
                   out: Optional[Path] = typer.Option(None, "--out", help="profile YAML to write (default ./NAME.yaml "
@@ -182,8 +183,20 @@ def calibrate_cmd(steps: Path = typer.Argument(..., help="CSV of observed steps:
                   weight_bytes: Optional[int] = typer.Option(None, "--weight-bytes", min=1, help="model weight bytes"),
                   fix: Optional[List[str]] = typer.Option(None, "--fix", help="hold a coefficient: NAME=SECONDS "
                                                           "(repeatable), for terms the steps do not exercise"),
-                  force: bool = typer.Option(False, "--force", help="overwrite an existing profile file")):
-    """Fit a cost-model profile from observed engine steps; write it and print the fit."""
+                  force: bool = typer.Option(False, "--force", help="overwrite an existing profile file"),
+                  sim_engine: str = typer.Option("continuous", "--sim-engine",
+                                                 help="run folders: the simulator engine the profile is for "
+                                                      "(continuous = vLLM-like, llamacpp)"),
+                  budget: Optional[int] = typer.Option(None, "--token-budget", min=16,
+                                                       help="run folders: the server's tokens per step (vLLM "
+                                                            "max_num_batched_tokens, default 8192; llama.cpp "
+                                                            "n_batch, default 2048)")):
+    """Fit a cost-model profile from observed engine steps, or from stress run folders; write it and print the fit."""
+    if steps and all(Path(p).is_dir() for p in steps):
+        return _calibrate_runs(steps, name, out, sim_engine, budget, force)
+    if len(steps) != 1:
+        raise InputError(str(steps[1]), "", "give one STEPS.csv, or only run folders")
+    steps = steps[0]
     if name is None:
         name = re.sub(r"[^A-Za-z0-9._-]+", "-", Path(steps).stem).strip("-._") or "calibrated"
         if not name[0].isalnum():
@@ -203,3 +216,29 @@ def calibrate_cmd(steps: Path = typer.Argument(..., help="CSV of observed steps:
     use = name if path.resolve() == (PROFILE_DIR / f"{name}.yaml").resolve() else str(path)
     print(f"profile: {path} (engine.profile: {use})")
 
+
+
+def _calibrate_runs(folders, name, out, sim_engine, budget, force):
+    from .calibrate_runs import calibrate_runs
+    if name is None:
+        name = re.sub(r"[^A-Za-z0-9._-]+", "-", Path(folders[0]).resolve().parent.name).strip("-._") or "calibrated"
+        if not name[0].isalnum():
+            name = "p" + name
+    if not _NAME.fullmatch(name):
+        raise InputError("--name", name, "use letters, digits, '.', '_' and '-' (it becomes a file name)")
+    path = out or Path(f"{name}.yaml")
+    if path.exists() and not force:
+        raise InputError(path, "--out", "exists; pass --force to overwrite or choose another --out")
+    text, model, report = calibrate_runs(folders, sim_engine, name, budget)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    fit_meta = report["fit"]
+    console = Console()
+    for t in fit_table(model, fit_meta):
+        console.print(t)
+    fe = report["frontend_fit"]
+    print(f"front end: {report['frontend_s'] * 1e3:.2f} ms before the scheduler (from {fe['requests']} requests "
+          f"sent to an idle server, median |error| {fe['median_abs_ms']} ms)")
+    print(f"steps reconstructed: {sum(r['steps'] for r in report['runs'])} from {len(folders)} runs; "
+          f"{fit_meta['trimmed_rows']} left out as > 35 % off, {fit_meta['cached_prefill_steps']} as prefix-cache hits")
+    print(f"profile: {path} (engine.profile: {path})")

@@ -37,6 +37,11 @@ class CostModel:
     # KV bytes per token and weight bytes let engines derive KV capacity from GPU memory.
     kv_bytes_per_token: int = 131072
     weight_bytes: int = 16_000_000_000
+    # The server's front end around the engine (HTTP, tokenisation, detokenisation, streaming), fitted by
+    # trace-only calibration: a request reaches the scheduler frontend_s after its send, plus
+    # frontend_per_token_s per prompt token (tokenisation). Not step time: the engine runs meanwhile.
+    frontend_s: float = 0.0
+    frontend_per_token_s: float = 0.0
     meta: dict = field(default_factory=dict, compare=False)
 
     def step_time(self, prefill_tokens: float, prefill_attn: float, n_decode: float, decode_ctx: float) -> float:
@@ -126,6 +131,18 @@ def load_profile(name_or_path: str) -> CostModel:
     tp = raw.get("tp")
     if tp is not None and (isinstance(tp, bool) or not isinstance(tp, int) or not 1 <= tp <= 4096):
         raise InputError(str(path), "tp", f"tensor-parallel degree must be a whole number from 1 to 4096, got {tp!r}")
+    fe = raw.get("frontend") or {}
+    if not isinstance(fe, dict):
+        raise InputError(str(path), "frontend", "expected a mapping (latency_s, per_prompt_token_s)")
+    unknown = set(fe) - {"latency_s", "per_prompt_token_s", "note"}
+    if unknown:
+        raise InputError(str(path), "frontend", f"unknown key(s) {sorted(map(str, unknown))}")
+    for key, attr in (("latency_s", "frontend_s"), ("per_prompt_token_s", "frontend_per_token_s")):
+        if key in fe:
+            v = float(_number(fe[key], str(path), f"frontend.{key}"))
+            if v > 60:
+                raise InputError(str(path), f"frontend.{key}", f"{v:g} s is not a front-end latency")
+            kw[attr] = v
     cm = CostModel(**kw, meta={k: v for k, v in raw.items() if k != "coefficients"})
     if not (cm.step_time(1, 1, 0, 0) > 0 and cm.step_time(0, 0, 1, 0) > 0):
         raise InputError(str(path), "coefficients", "a step of one prompt token or one decode takes no time "

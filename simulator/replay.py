@@ -160,6 +160,9 @@ def build_plan(run: RunFolder, sc: Scenario) -> ReplayPlan:
     p_client = sent["prompt_tokens"].to_numpy(dtype=float)
     p_server = _col(sent, "prompt_tokens_server")
     prompt = np.where(np.isfinite(p_server) & (p_server > 0), p_server, p_client)
+    if "prefix_cached_tokens" in sent.columns:  # served from the server's prefix cache: not computed
+        cached = np.nan_to_num(sent["prefix_cached_tokens"].to_numpy(dtype=float), nan=0.0)
+        prompt = np.maximum(prompt - cached, 1)
     applied = sent["applied_max_tokens"].to_numpy(dtype=float)
     got = sent["output_tokens"].to_numpy(dtype=float)
     output = np.where(ok, got, applied)

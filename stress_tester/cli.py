@@ -54,6 +54,9 @@ def run(scenario: Path = typer.Argument(..., help="scenario YAML"),
         prompt_word: str = typer.Option(" the", "--prompt-word",
                                         help="a text the server's tokenizer makes one token (byte-vocab test models: a)"),
         no_probe: bool = typer.Option(False, "--no-probe", help="do not ask the server about itself (server.json)"),
+        prompt_salt: Optional[int] = typer.Option(None, "--prompt-salt", min=-1,
+                                                  help="number in every prompt marker (default: new per run, so no "
+                                                       "run hits an earlier run's prompts in a prefix cache; -1: none)"),
         progress_file: Optional[Path] = typer.Option(None, "--progress-file", help="write sent/done counts here"),
         no_plots: bool = typer.Option(False, "--no-plots", help="skip PNG plots"),
         quiet: bool = typer.Option(False, "--quiet", "-q")):
@@ -76,6 +79,7 @@ def run(scenario: Path = typer.Argument(..., help="scenario YAML"),
     opts = Options(base_url=base_url, api=api, model=model, concurrency=concurrency, max_duration=max_duration,
                    grace=grace, retry=retry, max_retries=max_retries, no_stream=no_stream,
                    extensions=not no_extensions, poll_s=poll, prompt_word=prompt_word, probe=not no_probe,
+                   prompt_salt=prompt_salt,
                    progress_file=str(progress_file) if progress_file else None)
     summary = run_stress(sc, opts, out, workers=workers, plots=not no_plots)
     if not quiet:

@@ -35,7 +35,7 @@ MAX_LINE = 8 << 20  # one SSE/NDJSON line; a server that sends more without a ne
 class Job(Request):
     """A record under way, with what only a client sees."""
     __slots__ = ("usage", "usage_prompt", "chunks", "tokens_n", "complete", "retries", "retry_after", "first_byte",
-                 "finish", "cum", "closed_user", "plain_retry")
+                 "finish", "cum", "closed_user", "plain_retry", "stale_conn")
 
 
 def classify(status: int, text: str) -> str:
@@ -66,11 +66,11 @@ def retry_after(value: str | None) -> float | None:
 class Client:
     def __init__(self, session: aiohttp.ClientSession, base_url: str, dialect, plan, t0: float, *,
                  model: str | None = None, no_stream: bool = False, retry: bool = False, max_retries: int = 3,
-                 poll_s: float = 0.02, word: str = " the"):
+                 poll_s: float = 0.02, word: str = " the", salt: str = ""):
         self.session, self.dialect, self.plan, self.t0 = session, dialect, plan, t0
         self.base = base_url.rstrip("/")
         self.url = URL(self.base + dialect.path)  # parsed once: aiohttp skips parsing a URL object
-        self.model, self.no_stream, self.word = model, no_stream, word
+        self.model, self.no_stream, self.word, self.salt = model, no_stream, word, salt
         self.retry, self.max_retries, self.poll_s = retry, max_retries, poll_s
         self.itl = array("d")  # pooled inter-token gaps of ok requests
         self.timeouts = [aiohttp.ClientTimeout(total=c.timeout) for c in plan.classes]
@@ -80,6 +80,7 @@ class Client:
         self.tokens = TokenLog()  # per-chunk arrivals (request, time, tokens), flushed to disk by the runner
         self.notes: list = []  # said once in the report (e.g. extension fields turned off)
         self.counts = {"usage_malformed": 0, "usage_exceeds_max_tokens": 0, "output_length_differs": 0}
+        self.stale_resends = 0  # requests sent again after a reused connection turned out closed
 
     # ------------------------------------------------------------------ one request
     def template(self, ci: int, stream: bool) -> str:
@@ -93,7 +94,7 @@ class Client:
 
     def prepare(self, job: Job):
         info = self.plan.classes[job.cls]
-        text = prompt_text(job.prompt, job.rid, job.prefix_hashes, info.prefix_tokens, self.word)
+        text = prompt_text(job.prompt, job.rid, job.prefix_hashes, info.prefix_tokens, self.word, self.salt)
         stream = info.stream and not self.no_stream
         job.stream = stream  # as sent (--no-stream overrides the class)
         job.cum = 0 if stream and self.dialect.extensions and self.dialect.continuous_usage else None
@@ -110,8 +111,17 @@ class Client:
         body, h, stream = self.prepare(job)
         job.arrival = perf_counter() - self.t0
         exchange = self.queue_exchange if isinstance(self.dialect, Queue) else self.exchange
+        stale = 0
         while True:
             await exchange(job, body, h, stream)
+            if job.outcome == "connection_error" and job.stale_conn and stale < 2:
+                # a kept-alive connection the server had closed (llama-server drops idle ones while busy): the
+                # request never reached it, so it goes again at once on another connection
+                stale += 1
+                self.stale_resends += 1
+                self.reset(job)
+                job.arrival = perf_counter() - self.t0
+                continue
             if job.plain_retry:  # the server refused vLLM's extension fields: the same request without them
                 job.plain_retry = False  # once
                 self.reset(job)
@@ -133,6 +143,7 @@ class Client:
     @staticmethod
     def reset(job: Job) -> None:
         job.outcome, job.error, job.http_status, job.retry_after = None, "", 0, None
+        job.stale_conn = False
         job.usage = job.usage_prompt = None
         job.finish = ""
 
@@ -240,6 +251,20 @@ class Client:
             job.complete = True  # a clean end after a finish_reason or usage, without `data: [DONE]` (transformers serve)
         if not job.complete:
             raise StreamError(f"stream ended before completion after {ntok} token(s)")
+        u = job.usage
+        if u is not None and u > ntok and u <= job.applied_max:
+            # tokens the server counted but never showed as text (empty-text tokens, a final chunk of several):
+            # they had arrived by the last event, so they take its time (zero gaps after it)
+            now = perf_counter() - t0
+            extra = u - ntok
+            if last is None:
+                job.first_token = now
+                gaps.extend([0.0] * (extra - 1))
+            else:
+                gaps.append(now - last)
+                gaps.extend([0.0] * (extra - 1))
+            log.add(rid, now, extra)
+            job.last_token, job.tokens_n = now, u
         if gaps:
             self.itl.fromlist(gaps)
 
@@ -351,6 +376,9 @@ class Client:
         elif isinstance(exc, aiohttp.ClientResponseError):  # not HTTP at all, or broken HTTP
             job.outcome, job.error = "http_error", one_line(f"malformed HTTP response: {exc.message}")
         elif isinstance(exc, (aiohttp.ClientError, OSError)):
+            job.stale_conn = not job.http_status and isinstance(
+                exc, (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError)) and not isinstance(
+                exc, aiohttp.ClientConnectorError)
             job.outcome = "stream_error" if mid else "connection_error"
             job.error = one_line(f"{'connection lost mid-stream' if mid else 'connection failed'}: "
                                  f"{type(exc).__name__}: {exc}")

@@ -46,7 +46,7 @@ def accuracy(lag_pairs: np.ndarray, opts: Options, workers: int, parts: list, n_
            "sent_open_loop": int(len(lag_pairs)),
            "stop_reason": next((p.stop_reason for p in parts if p.stop_reason), "")}
     for k in ("retries", "usage_reported", "usage_differs_from_chunks", "usage_exceeds_max_tokens",
-              "output_length_differs"):
+              "output_length_differs", "stale_connection_resends"):
         out[k] = int(sum(p.counters.get(k, 0) for p in parts))
     notes = []
     for p in parts:
@@ -231,6 +231,8 @@ def run_stress(sc, opts: Options, out: Path, workers: int = 1, plots: bool = Tru
     plan = build_plan(sc)
     facts_start = probe(opts.base_url, opts.model) if opts.probe else {"kind": "unknown", "facts": {}, "raw": {}}
     opts = dataclasses.replace(opts, record_dir=str(out), server_kind=facts_start["kind"])
+    if opts.prompt_salt is None:  # a run never meets an earlier run's prompts in a prefix cache
+        opts = dataclasses.replace(opts, prompt_salt=int.from_bytes(os.urandom(3), "big") % 100000)
     served = [m.get("id") for m in facts_start["raw"].get("models") or [] if m.get("id")]
     wanted = {c.model for c in plan.classes}
     model_note = ""
@@ -251,6 +253,7 @@ def run_stress(sc, opts: Options, out: Path, workers: int = 1, plots: bool = Tru
     lag = np.frombuffer(b"".join(p.lag for p in parts), dtype=np.float64).reshape(-1, 2)
     gaps = np.frombuffer(b"".join(p.itl for p in parts), dtype=np.float64)
     acc = accuracy(lag, opts, workers, parts, len(rows), len(plan))
+    acc["prompt_salt"] = opts.prompt_salt
     if model_note:
         acc["notes"].insert(0, model_note)
     samples = sorted(x for p in parts for x in (p.samples or ()))

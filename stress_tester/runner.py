@@ -54,6 +54,7 @@ class Options:
     sample_s: float = 1.0  # server gauge sampling period (worker 0 only)
     probe: bool = True  # ask the server about itself at start and end (server.json)
     prompt_word: str = " the"  # one token of the server's tokenizer (prompts.py)
+    prompt_salt: int | None = None  # in every prompt marker; None: a new one per run, -1: none (prompts.py)
     spin_s: float | None = None  # None: SPIN_S, or 0 when workers >= CPUs (spinning would steal their time)
 
 
@@ -99,6 +100,7 @@ def to_part(plan: Plan, jobs: list, itl: bytes, retries: int, stop_reason: str, 
     counters = {"retries": retries, "usage_reported": usage_given, "usage_differs_from_chunks": int(mismatch)}
     if client is not None:
         counters.update(client.counts)
+        counters["stale_connection_resends"] = client.stale_resends
     return Part(rows, lag.tobytes(), ttfb.tobytes(), itl, counters, stop_reason, crows,
                 list(client.notes) if client is not None else [], list(samples or []))
 
@@ -109,6 +111,7 @@ def new_job(rid, ci, info, scheduled, prompt, output, max_tokens, hashes) -> Job
     job.applied_max = sent_length(output, max_tokens)
     job.usage = job.usage_prompt = job.chunks = job.retry_after = job.first_byte = job.cum = job.plain_retry = None
     job.tokens_n = 0
+    job.stale_conn = False
     job.finish = ""
     job.closed_user = -1
     job.complete = False
@@ -175,7 +178,8 @@ class Runner:
                 self.client = Client(session, self.opts.base_url, dialect, self.plan, t0, model=self.opts.model,
                                      no_stream=self.opts.no_stream, retry=self.opts.retry,
                                      max_retries=self.opts.max_retries, poll_s=self.opts.poll_s,
-                                     word=self.opts.prompt_word)
+                                     word=self.opts.prompt_word,
+                                     salt="" if self.opts.prompt_salt in (None, -1) else f"n{self.opts.prompt_salt}")
                 if self.opts.record_dir:
                     self.client.tokens.open(token_part(self.opts.record_dir, self.worker))
                 self.sem = asyncio.Semaphore(self.opts.concurrency) if self.opts.concurrency else None

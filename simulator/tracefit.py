@@ -1,0 +1,185 @@
+"""Engine steps reconstructed from what a client measured (trace-only calibration, `sim calibrate RUN_DIR`).
+
+No engine instrumentation: the inputs are a run folder's per-chunk token arrivals (tokens.parquet), its
+requests (send times, the server's own prompt token counts from client.csv) and its facts (server.json).
+
+1. **Steps from token arrivals.** A continuous-batching server (vLLM V1's scheduler, llama-server's
+   update_slots loop) gives every running sequence one token per engine step, so the tokens of one step
+   reach the client together. All chunk arrival times of a run are sorted and cut into clusters: a cluster
+   ends when the next arrival is more than `window` after its first one, or when a request already in it
+   arrives again (one token per request per step). `window` is a fraction of the typical inter-token gap.
+   A cluster's time is its earliest arrival: the least delayed by the front end's streaming.
+2. **What each step held.** Decodes: the requests between their first and last token at that time, each
+   with context = prompt + tokens received before it. Prefill: the prompts whose first token is in the
+   cluster, processed as the servers do, decodes first and then prompt tokens up to the token budget
+   (vLLM `max_num_batched_tokens`, scheduler.py `token_budget`; llama.cpp `n_batch`, server.cpp
+   update_slots), so a prompt longer than the remaining budget was chunked over the steps before (walked
+   back step by step).
+3. **Which step durations are measured.** The interval between two clusters is one step only if the
+   engine was busy throughout (some request was decoding across it) and every decoding request emitted
+   exactly one token in it (no merged chunks, no missed step). Others are left out.
+4. A step whose prefill shows no cost beyond the decode-only prediction is a prefix-cache hit, not a
+   measurement of prefill cost (`drop_cached`): vLLM's prefix cache, llama.cpp's slot prompt cache.
+
+The front end (HTTP, tokenisation, detokenisation and streaming around the engine) is fitted apart from
+the steps: requests sent to an idle server have TTFT = front-end latency + their prefill step.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from .errors import InputError
+from .runfolder import RunFolder, read_tokens
+
+WINDOW_FRACTION = 0.4  # of the median inter-token gap
+
+
+@dataclass
+class RunSteps:
+    name: str
+    steps: pd.DataFrame  # FEATURES + time_s + run + t_s
+    idle: pd.DataFrame  # requests sent to an idle server: prompt, ttft_s, n_decode_after
+    info: dict
+
+
+def _requests(run: RunFolder) -> pd.DataFrame:
+    df = run.requests
+    ok = df[(df["outcome"] == "ok") & (df["stream"] == 1)].copy()
+    p = ok["prompt_tokens"].astype(float)
+    if "prompt_tokens_server" in ok.columns:
+        ps = pd.to_numeric(ok["prompt_tokens_server"], errors="coerce")
+        p = ps.where(ps > 0, p)
+    if "prefix_cached_tokens" in ok.columns:  # served from a prefix cache: the engine computed the rest
+        p = (p - pd.to_numeric(ok["prefix_cached_tokens"], errors="coerce").fillna(0)).clip(lower=1)
+    ok["P"] = p.astype(np.int64)
+    return ok.set_index("request_id")
+
+
+def reconstruct(run: RunFolder, budget: int, window_fraction: float = WINDOW_FRACTION) -> RunSteps:
+    tok = read_tokens(run.path)
+    req = _requests(run)
+    tok = tok[tok["request_id"].isin(req.index) & (tok["n_tokens"] > 0)]
+    if len(req) < 2 or len(tok) < 10:
+        raise InputError(str(run.path), "tokens.parquet", f"too few streamed ok requests with token times "
+                                                            f"({len(req)} requests, {len(tok)} chunks)")
+    tok = tok.sort_values(["request_id", "t_s"], kind="stable")
+    rid = tok["request_id"].to_numpy()
+    t = tok["t_s"].to_numpy()
+    n = tok["n_tokens"].to_numpy().astype(np.int64)
+    new_req = np.r_[True, rid[1:] != rid[:-1]]
+    before = np.cumsum(n) - n  # tokens of the request received before this chunk
+    starts = np.flatnonzero(new_req)
+    before -= np.repeat(before[starts], np.diff(np.r_[starts, len(n)]))
+    gaps = np.diff(t)[~new_req[1:]]
+    if not len(gaps):
+        raise InputError(str(run.path), "tokens.parquet", "no request received more than one chunk")
+    med_gap = float(np.median(gaps))
+    window = max(2e-4, window_fraction * med_gap)
+
+    first = tok.groupby("request_id")["t_s"].min()
+    last = tok.groupby("request_id")["t_s"].max()
+    req = req.loc[first.index]
+    P = req["P"].to_numpy(np.int64)
+    rid_index = {r: i for i, r in enumerate(first.index)}
+    out_total = tok.groupby("request_id")["n_tokens"].sum().to_numpy(np.int64)
+    f_arr, l_arr = first.to_numpy(), last.to_numpy()
+
+    # -- clusters over all chunks in time order
+    order = np.argsort(t, kind="stable")
+    ts, rs, ns, ks = t[order], rid[order], n[order], before[order]
+    cl_start, members = [], []
+    cur, cur_t0 = set(), None
+    for i in range(len(ts)):
+        if cur_t0 is None or ts[i] - cur_t0 > window or rs[i] in cur:
+            cl_start.append(i)
+            cur, cur_t0 = set(), ts[i]
+        cur.add(rs[i])
+    bounds = np.r_[cl_start, len(ts)]
+    nc = len(cl_start)
+    c_time = ts[bounds[:-1]]
+
+    # -- state at each cluster: active decoders and their context (prefix sums over request first/last times)
+    fs, ls = np.sort(f_arr), np.sort(l_arr)
+    f_ord, l_ord = np.argsort(f_arr, kind="stable"), np.argsort(l_arr, kind="stable")
+    cumP_f = np.r_[0, np.cumsum(P[f_ord])]
+    cumP_l = np.r_[0, np.cumsum(P[l_ord])]
+    cumO_l = np.r_[0, np.cumsum(out_total[l_ord])]
+    cum_tok = np.r_[0, np.cumsum(ns)]
+    probe = c_time - window / 2
+    nf = np.searchsorted(fs, probe, side="left")  # first token strictly before this cluster
+    nl = np.searchsorted(ls, probe, side="left")  # finished before this cluster
+    n_active = nf - nl
+    tok_before = cum_tok[np.searchsorted(ts, probe, side="left")]
+    ctx = (cumP_f[nf] - cumP_l[nl]) + (tok_before - cumO_l[nl])
+
+    rows = []
+    pf_tokens = np.zeros(nc, dtype=np.int64)
+    pf_attn = np.zeros(nc)
+    emit_dec = np.zeros(nc, dtype=np.int64)
+    multi = np.zeros(nc, dtype=bool)
+    firsts: list = [[] for _ in range(nc)]
+    for j in range(nc):
+        a, b = bounds[j], bounds[j + 1]
+        for i in range(a, b):
+            if ks[i] == 0:
+                firsts[j].append(rid_index[rs[i]])
+            else:
+                emit_dec[j] += 1
+            if ns[i] > 1:
+                multi[j] = True
+    # -- prefill attribution, decodes first then prompt tokens up to the budget, walking back for long prompts
+    for j in range(nc):
+        for q in firsts[j]:
+            left = int(P[q])
+            jj = j
+            while left > 0 and jj >= 0:
+                room = budget - int(n_active[jj]) - int(pf_tokens[jj])
+                if jj < j and (n_active[jj] == 0 and jj > 0 and c_time[jj] - c_time[jj - 1] > 4 * med_gap):
+                    break  # the engine was idle before: the rest was computed in a step we did not see end
+                take = left if jj == j and room >= left else max(0, min(left, room))
+                if take <= 0 and jj == j and pf_tokens[jj] == 0:
+                    take = min(left, budget)  # a budget smaller than assumed: keep it in the emitting step
+                ctx_before = left - take
+                pf_tokens[jj] += take
+                pf_attn[jj] += take * (ctx_before + take)
+                left -= take
+                jj -= 1
+    for j in range(1, nc):
+        d = c_time[j] - c_time[j - 1]
+        busy = n_active[j] > 0
+        clean = (not multi[j]) and emit_dec[j] == n_active[j]
+        if busy and clean and d > 0:
+            rows.append((int(pf_tokens[j]), float(pf_attn[j]), int(n_active[j]), float(ctx[j]), d, c_time[j]))
+    steps = pd.DataFrame(rows, columns=["prefill_tokens", "prefill_attn", "n_decode", "decode_ctx", "time_s", "t_s"])
+    steps["run"] = run.name
+
+    # -- requests sent to an idle server: nothing else in flight from their send to their first token
+    sends = req["arrival_s"].to_numpy(float)
+    ttft = req["ttft_s"].to_numpy(float)
+    idle = []
+    all_send = run.requests["arrival_s"].to_numpy(float)
+    all_end = run.requests["end_s"].to_numpy(float) if "end_s" in run.requests.columns else None
+    for q in range(len(req)):
+        s, ft = sends[q], sends[q] + ttft[q]
+        if all_end is not None:
+            overlap = np.sum((all_send < ft) & (np.nan_to_num(all_end, nan=np.inf) > s)) - 1
+        else:
+            overlap = np.sum((f_arr < ft) & (l_arr > s)) - 1
+        if overlap == 0:
+            idle.append((int(P[q]), float(ttft[q])))
+    idle_df = pd.DataFrame(idle, columns=["prompt", "ttft_s"])
+    info = {"run": run.name, "chunks": int(len(ts)), "clusters": int(nc), "steps": int(len(steps)),
+            "window_ms": round(window * 1e3, 3), "median_gap_ms": round(med_gap * 1e3, 3),
+            "requests": int(len(req)), "idle_requests": int(len(idle_df))}
+    return RunSteps(run.name, steps, idle_df, info)
+
+
+def drop_cached(steps: pd.DataFrame, decode_only_pred: np.ndarray, margin: float = 0.10) -> pd.Series:
+    """True for steps that hold prefill tokens yet took no longer than the decode-only prediction
+    (+ margin): their prompt was served from a prefix cache, so they say nothing about prefill cost."""
+    pf = steps["prefill_tokens"].to_numpy() > 0
+    big = steps["prefill_tokens"].to_numpy() >= 64
+    return pd.Series(pf & big & (steps["time_s"].to_numpy() <= decode_only_pred * (1 + margin)), index=steps.index)
