@@ -163,23 +163,30 @@ def metric(text: str, name: str) -> float:
     raise KeyError(name)
 
 
-class LlamaServer:
-    """`realservers.py llama-server` as a subprocess for a `with` block; `.url`, `.log`, `.start_s`.
+class ServerProcess:
+    """A server command as a subprocess for a `with` block: `.url` once /health answers, `.start_s`
+    (spawn -> healthy), `.log` (its stdout+stderr, a file: never a pipe that could fill and block it).
+    Subclasses give `cmd()` and `ready_url(line)` (the URL from the log line that says it listens).
+    On a failed start, or when the block raises, the log's tail is printed so the failure shows
+    what the server said."""
+    name = "server"
+    start_timeout_s = START_TIMEOUT_S
 
-    The server writes its log to a file (never a pipe that could fill); on a failed start, or when the
-    block raises, the log's tail is printed so the test's failure shows what the server said."""
-
-    def __init__(self, model, *, parallel: int = 4, ctx: int = 2048, threads: int = 1, log=None):
-        self.model, self.parallel, self.ctx, self.threads = Path(model), parallel, ctx, threads
-        self.log = Path(log) if log is not None else self.model.with_suffix(".server.log")
+    def __init__(self, log):
+        self.log = Path(log)
         self.url = ""
-        self.start_s = float("nan")  # spawn -> /health answers 200
+        self.start_s = float("nan")
         self.proc: subprocess.Popen | None = None
 
     def cmd(self) -> list[str]:
-        return [sys.executable, str(Path(__file__).resolve()), "llama-server", "--model", str(self.model),
-                "--host", "127.0.0.1", "--port", "0", "--parallel", str(self.parallel), "-c", str(self.ctx),
-                "--threads", str(self.threads)]
+        raise NotImplementedError
+
+    def env(self) -> dict:
+        return {**os.environ, "PYTHONUNBUFFERED": "1"}
+
+    @staticmethod
+    def ready_url(line: str) -> str | None:
+        raise NotImplementedError
 
     def log_tail(self, n: int = 4000) -> str:
         try:
@@ -187,16 +194,16 @@ class LlamaServer:
         except OSError:
             return ""
 
-    def __enter__(self) -> "LlamaServer":
+    def __enter__(self):
         t0 = time.monotonic()
         with open(self.log, "wb") as f:
             self.proc = subprocess.Popen(self.cmd(), stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                         env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                                         env=self.env())
         try:
-            self.url = self._wait_ready(t0 + START_TIMEOUT_S)
+            self.url = self._wait_ready(t0 + self.start_timeout_s)
         except BaseException:
             self.stop()
-            print(f"--- llama-server log ({self.log}) ---\n{self.log_tail()}", file=sys.stderr)
+            print(f"--- {self.name} log ({self.log}) ---\n{self.log_tail()}", file=sys.stderr)
             raise
         self.start_s = time.monotonic() - t0
         return self
@@ -205,19 +212,18 @@ class LlamaServer:
         url = ""
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"llama-server exited with {self.proc.returncode} before it was ready")
+                raise RuntimeError(f"{self.name} exited with {self.proc.returncode} before it was ready")
             if not url:
                 for line in self.log_tail(1 << 20).splitlines():
-                    if line.startswith("listening on http"):
-                        url = line.split("listening on ", 1)[1].strip()
+                    url = self.ready_url(line) or url
             if url:
                 try:
                     if get_json(url + "/health", timeout=1.0).get("status") == "ok":
                         return url
                 except (OSError, ValueError):
-                    pass  # loading: 503, or not accepting yet
+                    pass  # loading (503), or not accepting yet
             time.sleep(0.02)
-        raise TimeoutError(f"llama-server not healthy within {START_TIMEOUT_S:g} s")
+        raise TimeoutError(f"{self.name} not healthy within {self.start_timeout_s:g} s")
 
     def stop(self) -> int | None:
         p = self.proc
@@ -232,9 +238,96 @@ class LlamaServer:
 
     def __exit__(self, et, ev, tb):
         rc = self.stop()
-        if et is not None or rc not in (0, None):
-            print(f"--- llama-server log ({self.log}), exit {rc} ---\n{self.log_tail()}", file=sys.stderr)
+        if et is not None or rc not in (0, None, -signal.SIGTERM):
+            print(f"--- {self.name} log ({self.log}), exit {rc} ---\n{self.log_tail()}", file=sys.stderr)
         return False
+
+
+class LlamaServer(ServerProcess):
+    """`realservers.py llama-server` (llama.cpp's server) on a GGUF: LlamaServer(model, parallel=4, ctx=2048)."""
+    name = "llama-server"
+
+    def __init__(self, model, *, parallel: int = 4, ctx: int = 2048, threads: int = 1, log=None):
+        self.model, self.parallel, self.ctx, self.threads = Path(model), parallel, ctx, threads
+        super().__init__(log if log is not None else self.model.with_suffix(".server.log"))
+
+    def cmd(self) -> list[str]:
+        return [sys.executable, str(Path(__file__).resolve()), "llama-server", "--model", str(self.model),
+                "--host", "127.0.0.1", "--port", "0", "--parallel", str(self.parallel), "-c", str(self.ctx),
+                "--threads", str(self.threads)]
+
+    @staticmethod
+    def ready_url(line):
+        return line.split("listening on ", 1)[1].strip() if line.startswith("listening on http") else None
+
+
+# ---------------------------------------------------------------------- transformers `serve`
+def make_tiny_hf_llama(path, *, hidden: int = 64, layers: int = 2, heads: int = 4, ff: int = 128, seed: int = 0) -> Path:
+    """A random-weight LlamaForCausalLM folder (safetensors, ~0.5 MB) with its own tokenizer, for
+    `transformers serve`: byte-level BPE (one byte one token) with merges up to "Ġthe" (the stress
+    tester's " the" is one token), a plain chat template, and an all-zero output row for
+    end-of-sequence (as in make_tiny_gguf: top-k sampling never picks it)."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+    path = Path(path)
+    vocab = {"<s>": 0, "</s>": 1, "<unk>": 2}
+    for ch in sorted(pre_tokenizers.ByteLevel.alphabet()):
+        vocab[ch] = len(vocab)
+    merges = [("\u0120", "t"), ("\u0120t", "h"), ("\u0120th", "e")]
+    for a, b in merges:
+        vocab[a + b] = len(vocab)
+    tk = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    tok.chat_template = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+                         "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+    tok.save_pretrained(path)
+    cfg = LlamaConfig(vocab_size=len(vocab), hidden_size=hidden, intermediate_size=ff, num_hidden_layers=layers,
+                      num_attention_heads=heads, num_key_value_heads=heads, max_position_embeddings=4096,
+                      bos_token_id=0, eos_token_id=1, tie_word_embeddings=False)
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(cfg)
+    with torch.no_grad():
+        model.lm_head.weight[1] = 0.0
+    model.save_pretrained(path)
+    return path
+
+
+class TransformersServer(ServerProcess):
+    """`transformers serve FOLDER` (FastAPI/uvicorn, OpenAI chat and completions) on the CPU, offline,
+    one torch thread; the model is preloaded (FORCE_MODEL), so requests name it by its folder path."""
+    name = "transformers serve"
+    start_timeout_s = 120.0  # imports torch and transformers: ~4 s here, far more on a loaded machine
+
+    def __init__(self, model_dir, *, log=None, extra=()):
+        self.model_dir, self.extra = Path(model_dir), list(extra)
+        super().__init__(log if log is not None else self.model_dir.parent / "transformers-serve.log")
+
+    @property
+    def model(self) -> str:
+        return str(self.model_dir)
+
+    def cmd(self):
+        exe = Path(sys.executable).with_name("transformers")
+        head = [str(exe)] if exe.exists() else [sys.executable, "-c", "from transformers.cli.transformers import main; main()"]
+        return head + ["serve", str(self.model_dir), "--host", "127.0.0.1", "--port", "0", "--device", "cpu",
+                       "--log-level", "info", *self.extra]
+
+    def env(self):
+        return {**super().env(), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+                "HF_HUB_DISABLE_TELEMETRY": "1"}
+
+    @staticmethod
+    def ready_url(line):
+        if "Uvicorn running on http" in line:
+            return line.split("running on ", 1)[1].split()[0]
+        return None
 
 
 if __name__ == "__main__":
