@@ -4,8 +4,9 @@ transformers_serve"` leaves it out); it runs by default: torch (CPU wheel) + tra
 in ~75 s and the server is healthy ~4 s after spawn on this machine (see FINDINGS.md).
 
 This server rejects vLLM's fields with 422 ("Unexpected fields in the request: {'min_tokens','ignore_eos'}")
-and ends its streams after the finish_reason/usage chunk without `data: [DONE]`; the stress tester must
-cope with both on its own (issue 8 item 3). Outputs have the requested length: the model cannot
+and ends its streams after the finish_reason/usage chunk without `data: [DONE]`; the stress tester copes
+with both on its own (issue 8 item 3: it drops the fields after the first 422 and says so once; a stream
+that ended after a finish_reason and usage is complete). Outputs have the requested length: the model cannot
 pick end-of-sequence (its output row is zero), so max_tokens alone decides.
 """
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import json
 import time
 
+import pandas as pd
 import pytest
 
 from simulator.records import read_csv
@@ -43,6 +45,12 @@ def check_run(srv, tmp_path, api, *extra):
     assert s["requests"]["outcomes"] == {"ok": N}, df.error.unique().tolist()[:3]
     assert (df.output_tokens == df.requested_max_tokens).all()
     assert (df.ttft_s > 0).all() and (df.ttft_s <= df.e2e_s + 1e-9).all()
+    cl = pd.read_csv(tmp_path / "out" / "client.csv").set_index("request_id")
+    assert (cl.output_tokens_server == df.set_index("request_id").output_tokens).all()  # usage, every request
+    assert (cl.finish_reason == "length").all()
+    if (df.stream == 1).any():
+        g = pd.read_parquet(tmp_path / "out" / "tokens.parquet").groupby("request_id")
+        assert (g.n_tokens.sum() <= df.set_index("request_id").output_tokens.loc[list(g.groups)]).all()
     return df, s
 
 
