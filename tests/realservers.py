@@ -121,6 +121,7 @@ def serve(argv=None) -> None:
     p.add_argument("--ctx-size", "-c", type=int, default=2048, help="total context, split over the slots")
     p.add_argument("--threads", "-t", type=int, default=1)
     p.add_argument("--batch-size", "-b", type=int, default=2048)
+    p.add_argument("--threads-http", type=int, default=-1, help="HTTP worker threads (-1: max(parallel+2, cores-1))")
     a = p.parse_args(argv)
     import xllamacpp
 
@@ -131,6 +132,7 @@ def serve(argv=None) -> None:
     prm.n_parallel = a.parallel
     prm.n_ctx = a.ctx_size
     prm.n_batch = a.batch_size
+    prm.n_threads_http = a.threads_http
     prm.cpuparams.n_threads = a.threads
     prm.cpuparams_batch.n_threads = a.threads
     prm.endpoint_props = prm.endpoint_slots = prm.endpoint_metrics = True
@@ -247,14 +249,15 @@ class LlamaServer(ServerProcess):
     """`realservers.py llama-server` (llama.cpp's server) on a GGUF: LlamaServer(model, parallel=4, ctx=2048)."""
     name = "llama-server"
 
-    def __init__(self, model, *, parallel: int = 4, ctx: int = 2048, threads: int = 1, log=None):
+    def __init__(self, model, *, parallel: int = 4, ctx: int = 2048, threads: int = 1, threads_http: int = -1, log=None):
         self.model, self.parallel, self.ctx, self.threads = Path(model), parallel, ctx, threads
+        self.threads_http = threads_http
         super().__init__(log if log is not None else self.model.with_suffix(".server.log"))
 
     def cmd(self) -> list[str]:
         return [sys.executable, str(Path(__file__).resolve()), "llama-server", "--model", str(self.model),
                 "--host", "127.0.0.1", "--port", "0", "--parallel", str(self.parallel), "-c", str(self.ctx),
-                "--threads", str(self.threads)]
+                "--threads", str(self.threads), "--threads-http", str(self.threads_http)]
 
     @staticmethod
     def ready_url(line):
