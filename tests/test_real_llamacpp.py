@@ -270,6 +270,25 @@ def test_short_outputs_at_a_full_context_are_counted(llama, tmp_path):
     assert s["stress"]["output_length_differs"] == 6
 
 
+def test_two_sending_processes(llama, tmp_path):
+    """--workers 2: the same requests split over two processes, one report; the server's count agrees."""
+    import pandas as pd
+    path = scenario(tmp_path, n=40)
+    before = counters(llama.url)
+    r = stress_cli(llama.url, "openai-completions", path, tmp_path / "out", "--workers", "2")
+    assert r.returncode == 0, r.stderr[-3000:]
+    df = read_csv(tmp_path / "out" / "requests.csv")
+    assert sorted(df.request_id) == list(range(40)) and (df.outcome == "ok").all(), df.error.unique()
+    assert (df.output_tokens == df.requested_max_tokens).all()
+    after = counters_reach(llama.url, before, int(df.output_tokens.sum()))
+    assert after["tokens_predicted_total"] - before["tokens_predicted_total"] == df.output_tokens.sum()
+    tok = pd.read_parquet(tmp_path / "out" / "tokens.parquet")
+    assert set(tok.request_id) <= set(df.request_id) and not list((tmp_path / "out").glob("tokens-*.bin"))
+    first = tok.groupby("request_id").t_s.min()
+    d = df.set_index("request_id").loc[first.index]
+    assert np.allclose(first, d.arrival_s + d.ttft_s, atol=2e-6)  # both processes on the run's clock
+
+
 @pytest.mark.xfail(strict=False, reason="FINDINGS.md F5: keep-alive connections the busy server closed are reused")
 def test_overload_has_no_connection_errors_from_keepalive(llama, tmp_path):
     """200 requests at 100/s into 4 slots: the server queues (TTFT in seconds) but answers every one."""
