@@ -22,7 +22,10 @@ def serve(scenario: Path = typer.Argument(..., help="scenario YAML"),
           out: Optional[Path] = typer.Option(None, "--out", help="write requests.csv, summary.json, report.md here on shutdown"),
           seed: Optional[int] = typer.Option(None, "--seed", help="override the scenario's seed"),
           set_: Optional[List[str]] = typer.Option(None, "--set", help="override a field: path=value (YAML value)"),
-          plots: bool = typer.Option(True, "--plots/--no-plots", help="PNG plots in the --out report")):
+          plots: bool = typer.Option(True, "--plots/--no-plots", help="PNG plots in the --out report"),
+          default_user: Optional[str] = typer.Option(None, "--default-user",
+                                                     help="scenario user of requests that carry no identity "
+                                                          "(default: the scenario's first user)")):
     """Serve SCENARIO over HTTP: OpenAI, Ollama, llama.cpp, queue-style and Responses APIs, /metrics,
     /queue/status, /usage/*. Prompt tokens = whitespace-separated words (or the X-Prompt-Tokens header);
     output tokens = the requested maximum. Identity: X-User, X-Project, X-Class, X-Priority headers.
@@ -32,10 +35,11 @@ def serve(scenario: Path = typer.Argument(..., help="scenario YAML"),
     if not 0 <= port <= 65535:
         raise InputError(str(scenario), "--port", f"{port} is not a TCP port")
     sc = load_scenario(scenario, set_, seed)
-    server = TwinServer(sc, host, port, usage_db, out, plots, source=str(scenario))
+    server = TwinServer(sc, host, port, usage_db, out, plots, source=str(scenario), default_user=default_user)
 
     def ready(url):
-        print(f"sim serve: {sc.name} listening on {url} (usage db {usage_db}); Ctrl-C to stop", flush=True)
+        print(f"sim serve: {sc.name} listening on {url} (usage db {usage_db}; requests without identity headers "
+              f"are user {server.twin.tenancy.default_user!r}); Ctrl-C to stop", flush=True)
     serve_forever(server, ready)
     if out is not None:
         print(f"report: {out}/report.md", file=sys.stderr)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import logging
 from bisect import bisect_right
 
 from aiohttp import web
@@ -16,17 +17,20 @@ from aiohttp import web
 from . import usage as uq
 from .bodies import PARSERS, bad, hints
 from .clock import EARLY
-from .dialects import ENCODERS, Encoder, OllamaChat, text
+from .dialects import ENCODERS, Encoder, OllamaChat, iso, text
 from .service import Ticket, Twin, problem_for
 from .tenancy import HTTPProblem
 from .usage import status_of
 
 MAX_BODY = 1 << 20  # bytes; larger bodies get 413
+BODY_TIMEOUT_S = 10.0  # a request's body must arrive within this after its headers
 # A request the world timed out at its class's timeout_s is one whose client gives up then: a real
 # server would not answer it either, so the twin stays silent this long (the client hangs up first
 # and records its own timeout, as the simulator does) before it ends the response with an error.
 CLIENT_GRACE_S = 1.0
 TWIN = web.AppKey("twin", Twin)
+log = logging.getLogger("servesim.twin")
+OLLAMA_VERSION = "0.6.0"  # the Ollama API level the twin speaks (/api/version)
 
 
 def problem_response(request: web.Request, p: HTTPProblem) -> web.Response:
@@ -51,16 +55,26 @@ async def errors(request, handler):
         if e.status in (404, 405):
             msg = f"{e.reason}: {request.method} {request.path}"
         return problem_response(request, HTTPProblem(e.status, msg, _TYPES.get(e.status, "error")))
+    except (asyncio.CancelledError, ConnectionError):
+        raise
+    except Exception as exc:  # noqa: BLE001 - a bug: a JSON 500 (logged), and the server goes on
+        log.exception("%s %s failed", request.method, request.path)
+        return problem_response(request, HTTPProblem(500, f"internal error: {type(exc).__name__}", "server_error"))
 
 
 async def read_json(request) -> dict:
-    raw = await request.read()  # aiohttp raises 413 past client_max_size
+    try:  # aiohttp raises 413 past client_max_size; a body sent too slowly (or never) is a 408
+        raw = await asyncio.wait_for(request.read(), BODY_TIMEOUT_S)
+    except asyncio.TimeoutError:
+        raise HTTPProblem(408, f"request body not received within {BODY_TIMEOUT_S:g} s", "request_timeout") from None
     if not raw.strip():
         raise bad("request body is empty")
     try:
         body = json.loads(raw)
     except ValueError as exc:
         raise bad(f"invalid JSON body: {exc}") from None
+    except RecursionError:  # "[[[[..." a few thousand deep: the decoder's recursion, not our stack, gives up
+        raise bad("invalid JSON body: nested too deeply") from None
     if not isinstance(body, dict):
         raise bad("request body must be a JSON object")
     return body
@@ -118,22 +132,30 @@ def generation(api: str):
         body = await read_json(request)
         call = parse(body)
         t = twin.submit(call, request.headers, body, *hints(request.headers))
+        sent = False  # the whole answer (or the error the world decided) reached the socket
         try:
             if t.done and t.req.outcome != "ok":
+                sent = True
                 raise problem_for(twin, t.req)
             if api == "queue":
                 return web.json_response(job_view(t), status=202, headers={"X-Request-Id": t.id})
             enc = encoder(t)
             if call.stream:
-                return await _stream(request, twin, t, enc)
+                resp = await _stream(request, twin, t, enc)
+                sent = True
+                return resp
             await _wait_done(t)
             if t.req.outcome != "ok":
                 await _client_timeout(twin, t)
+                sent = True
                 raise problem_for(twin, t.req)
-            return web.json_response(enc.whole(), headers={"X-Request-Id": t.id})
+            resp = web.json_response(enc.whole(), headers={"X-Request-Id": t.id})
+            await resp.prepare(request)  # written here, not after return: a hang-up now is a cancellation
+            await resp.write_eof()
+            sent = True
+            return resp
         finally:
-            if api != "queue" and not t.done:
-                twin.abort(t)  # the client went away (or the handler failed): free the world's resources
+            twin.delivered(t, sent)  # a client gone before its answer: free the world's resources, record it cancelled
     return handler
 
 
@@ -170,18 +192,71 @@ async def get_request(request):
 
 
 # ---------------------------------------------------------------- information
+def _model_card(twin, m) -> dict:
+    return {"id": m.name, "object": "model", "created": int(twin.wall0), "owned_by": "servesim", "root": m.name,
+            "parent": None, "max_model_len": twin.max_model_len, "enabled": m.enabled}
+
+
 async def models(request):
     twin = request.app[TWIN]
-    created = int(twin.wall0)
-    return web.json_response({"object": "list", "data": [
-        {"id": m.name, "object": "model", "created": created, "owned_by": "servesim", "enabled": m.enabled}
-        for m in twin.sc.tenants.models]})
+    return web.json_response({"object": "list", "data": [_model_card(twin, m) for m in twin.sc.tenants.models]})
+
+
+async def model(request):
+    twin = request.app[TWIN]
+    name = request.match_info["id"]
+    m = twin.tenancy.models.get(name)
+    if m is None:
+        raise HTTPProblem(404, f"model {name!r} does not exist", "invalid_request_error", "model", "model_not_found")
+    return web.json_response(_model_card(twin, m))
+
+
+def _ollama_model(twin, m) -> dict:
+    return {"name": m.name, "model": m.name, "modified_at": iso(twin.wall0), "size": 0, "digest": "servesim-" + m.name,
+            "details": {"parent_model": "", "format": "servesim", "family": "servesim", "families": ["servesim"],
+                        "parameter_size": "", "quantization_level": ""}}
 
 
 async def ollama_tags(request):
     twin = request.app[TWIN]
-    return web.json_response({"models": [{"name": m.name, "model": m.name, "size": 0, "details": {"family": "servesim"}}
-                                         for m in twin.sc.tenants.models if m.enabled]})
+    return web.json_response({"models": [_ollama_model(twin, m) for m in twin.sc.tenants.models if m.enabled]})
+
+
+async def ollama_ps(request):
+    """Models 'in memory': a model pool's loaded ones, else every enabled model."""
+    twin = request.app[TWIN]
+    pool = getattr(twin.world, "pool", None)
+    names = None
+    if pool is not None:
+        twin.driver.advance()
+        names = {k for k, v in pool.status()["models"].items() if v["replicas"]["loaded"]}
+    out = []
+    for m in twin.sc.tenants.models:
+        if m.enabled and (names is None or m.name in names):
+            d = _ollama_model(twin, m)
+            d.update({"expires_at": "2318-01-01T00:00:00Z", "size_vram": 0, "context_length": twin.max_model_len})
+            out.append(d)
+    return web.json_response({"models": out})
+
+
+async def ollama_show(request):
+    twin = request.app[TWIN]
+    body = await read_json(request)
+    name = body.get("model", body.get("name"))
+    if not isinstance(name, str):
+        raise bad("missing 'model'", "model")
+    m = twin.tenancy.models.get(name)
+    if m is None:
+        raise HTTPProblem(404, f"model '{name}' not found", "not_found")
+    info = {"general.architecture": "servesim", "servesim.context_length": twin.max_model_len,
+            "servesim.default_max_tokens": m.default_max_tokens}
+    return web.json_response({"modelfile": f"FROM {m.name}\n", "parameters": f"num_predict {m.default_max_tokens}",
+                              "template": "{{ .Prompt }}", "details": _ollama_model(twin, m)["details"],
+                              "model_info": info, "capabilities": ["completion"], "modified_at": iso(twin.wall0)})
+
+
+async def ollama_version(request):
+    return web.json_response({"version": OLLAMA_VERSION})
 
 
 async def health(request):
@@ -191,11 +266,12 @@ async def health(request):
     body = {"status": "failed" if failed else ("stopping" if twin.stopped else "ok"), "scenario": twin.sc.name,
             "uptime_s": round(d.now(), 6), "sim_time_s": round(twin.world.env.now, 6),
             "clock_max_lag_s": round(d.max_lag, 6), "clock_steps": d.steps, "open_requests": len(twin.live),
+            "default_user": twin.tenancy.default_user,
             "usage_db": str(twin.usage.path) if twin.usage is not None else None}
     if failed:
         body["error"] = repr(d.failed)
-    if twin.usage is not None and twin.usage.error is not None:
-        body["usage_error"] = str(twin.usage.error)
+    if twin.usage is not None:
+        body.update(twin.usage.health())  # a dead writer is restarted here and its reason shown
     return web.json_response(body, status=503 if failed else 200)
 
 
@@ -214,7 +290,7 @@ async def metrics(request):
     twin.driver.advance()
     g = twin.gauges()
     if _wants_prometheus(request):
-        return web.Response(body=twin.metrics.prometheus(g).encode(),
+        return web.Response(body=twin.metrics.prometheus(g),
                             headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
     return web.json_response(twin.metrics.as_dict(g))
 
@@ -326,7 +402,11 @@ def build_app(twin: Twin) -> web.Application:
         r.add_post(path, generation(api))
     r.add_get("/requests/{id}", get_request)
     r.add_get("/v1/models", models)
+    r.add_get("/v1/models/{id}", model)
     r.add_get("/api/tags", ollama_tags)
+    r.add_get("/api/ps", ollama_ps)
+    r.add_post("/api/show", ollama_show)
+    r.add_get("/api/version", ollama_version)
     r.add_get("/health", health)
     r.add_get("/metrics", metrics)
     r.add_get("/queue/status", queue_status)

@@ -1,7 +1,16 @@
-"""Starting and stopping the twin server: in the foreground (`sim serve`) or on a running loop (tests)."""
+"""Starting and stopping the twin server: in the foreground (`sim serve`) or on a running loop (tests).
+
+Connections are bounded in time and number: one that sends no complete request head within
+IDLE_TIMEOUT_S of opening (or of its last answer) is closed, which covers idle and half-sent
+connections alike (aiohttp's keep-alive timer, armed at accept); a request body must arrive within
+app.BODY_TIMEOUT_S; and past MAX_CONNECTIONS open connections each new one closes the oldest that
+has no request in progress, so a flood of idle sockets can never lock out /health.
+"""
 from __future__ import annotations
 
 import asyncio
+import logging
+import resource
 import signal
 import sqlite3
 from pathlib import Path
@@ -12,11 +21,49 @@ from ..errors import InputError
 from .app import build_app
 from .service import Twin
 
+log = logging.getLogger("servesim.twin")
+IDLE_TIMEOUT_S = 15.0
+MAX_CONNECTIONS = 1000
+
+
+def connection_cap() -> int:
+    """MAX_CONNECTIONS, or fewer when the process may not open that many files (keeps 64 spare)."""
+    try:
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft != resource.RLIM_INFINITY and soft < MAX_CONNECTIONS + 64 and (hard == resource.RLIM_INFINITY or hard > soft):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, MAX_CONNECTIONS + 64) if hard != resource.RLIM_INFINITY
+                                                        else MAX_CONNECTIONS + 64, hard))
+            soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    except (ValueError, OSError):
+        return MAX_CONNECTIONS
+    return MAX_CONNECTIONS if soft == resource.RLIM_INFINITY else max(16, min(MAX_CONNECTIONS, soft - 64))
+
+
+def guard_connections(server, cap: int) -> None:
+    """Wrap aiohttp's low-level server so that past `cap` open connections a new one evicts the
+    oldest idle one (no request in progress), or is itself closed when all are busy."""
+    made = server.connection_made
+
+    def connection_made(handler, transport):
+        made(handler, transport)
+        conns = server._connections
+        if len(conns) <= cap:
+            return
+        victim = next((h for h in conns if not h._request_in_progress and h is not handler), handler)
+        tr = conns.get(victim)
+        if tr is not None:
+            tr.close()
+    server.connection_made = connection_made
+
 
 class TwinServer:
     def __init__(self, sc, host: str = "127.0.0.1", port: int = 8000, usage_db: Path | None = None,
-                 out: Path | None = None, plots: bool = False, source: str = "<scenario>"):
+                 out: Path | None = None, plots: bool = False, source: str = "<scenario>",
+                 default_user: str | None = None, idle_timeout_s: float = IDLE_TIMEOUT_S,
+                 max_connections: int | None = None):
         self.sc, self.host, self.port = sc, host, port
+        self.default_user, self.idle_timeout_s = default_user, idle_timeout_s
+        self.max_connections = max_connections
         self.usage_db, self.out, self.plots, self.source = usage_db, out, plots, source
         self.twin: Twin | None = None
         self.runner: web.AppRunner | None = None
@@ -24,14 +71,21 @@ class TwinServer:
 
     async def start(self) -> str:
         """Listen and start the world's clock; returns the base URL (the bound port when port is 0)."""
-        self.twin = twin = Twin(self.sc, self.usage_db, self.out, self.plots)
+        try:
+            self.twin = twin = Twin(self.sc, self.usage_db, self.out, self.plots, self.default_user)
+        except ValueError as exc:
+            raise InputError(self.source, "--default-user", str(exc)) from None
         try:
             twin.start()
         except (sqlite3.Error, OSError) as exc:
             raise InputError(self.source, "--usage-db", f"cannot open {self.usage_db}: {exc}") from None
         # handler_cancellation: a client that hangs up cancels its handler, which aborts its request
-        self.runner = web.AppRunner(build_app(twin), handler_cancellation=True, shutdown_timeout=5.0, access_log=None)
+        # keepalive_timeout: aiohttp arms it when a connection opens and after each answer, and closes
+        # the connection if no complete request head has come by then (idle or half-sent alike)
+        self.runner = web.AppRunner(build_app(twin), handler_cancellation=True, shutdown_timeout=5.0, access_log=None,
+                                    keepalive_timeout=self.idle_timeout_s)
         await self.runner.setup()
+        guard_connections(self.runner.server, self.max_connections or connection_cap())
         site = web.TCPSite(self.runner, self.host, self.port, backlog=2048)
         try:
             await site.start()
