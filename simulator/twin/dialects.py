@@ -229,7 +229,8 @@ class Responses(Encoder):
                 "instructions": None, "metadata": {}, "parallel_tool_calls": False, "tool_choice": "auto", "tools": [],
                 "temperature": 1.0, "top_p": 1.0, "max_output_tokens": t.call.max_tokens, "previous_response_id": None,
                 "text": {"format": {"type": "text"}}, "truncation": "disabled",
-                "usage": {"input_tokens": u["prompt_tokens"], "input_tokens_details": {"cached_tokens": t.req.cached},
+                "usage": {"input_tokens": u["prompt_tokens"], "input_tokens_details": {"cached_tokens": t.req.cached,
+                                                                                "cache_write_tokens": 0},
                           "output_tokens": u["completion_tokens"], "output_tokens_details": {"reasoning_tokens": 0},
                           "total_tokens": u["total_tokens"]} if usage else None}
 
