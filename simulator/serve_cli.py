@@ -25,7 +25,11 @@ def serve(scenario: Path = typer.Argument(..., help="scenario YAML"),
           plots: bool = typer.Option(True, "--plots/--no-plots", help="PNG plots in the --out report"),
           default_user: Optional[str] = typer.Option(None, "--default-user",
                                                      help="scenario user of requests that carry no identity "
-                                                          "(default: the scenario's first user)")):
+                                                          "(default: the scenario's first user)"),
+          idle_timeout: float = typer.Option(15.0, "--idle-timeout", help="seconds a connection may stay idle, or take "
+                                             "to send a request's head or body, before it is closed"),
+          max_connections: int = typer.Option(1000, "--max-connections", help="open connections at most; past it a "
+                                              "new one closes the oldest idle one")):
     """Serve SCENARIO over HTTP: OpenAI, Ollama, llama.cpp, queue-style and Responses APIs, /metrics,
     /queue/status, /usage/*. Prompt tokens = whitespace-separated words (or the X-Prompt-Tokens header);
     output tokens = the requested maximum. Identity: X-User, X-Project, X-Class, X-Priority headers.
@@ -34,8 +38,13 @@ def serve(scenario: Path = typer.Argument(..., help="scenario YAML"),
     from .twin import TwinServer, serve_forever
     if not 0 <= port <= 65535:
         raise InputError(str(scenario), "--port", f"{port} is not a TCP port")
+    if not 0.05 <= idle_timeout <= 86400:
+        raise InputError(str(scenario), "--idle-timeout", f"{idle_timeout} is not in 0.05..86400 seconds")
+    if not 1 <= max_connections <= 1_000_000:
+        raise InputError(str(scenario), "--max-connections", f"{max_connections} is not in 1..1000000")
     sc = load_scenario(scenario, set_, seed)
-    server = TwinServer(sc, host, port, usage_db, out, plots, source=str(scenario), default_user=default_user)
+    server = TwinServer(sc, host, port, usage_db, out, plots, source=str(scenario), default_user=default_user,
+                         idle_timeout_s=idle_timeout, max_connections=max_connections)
 
     def ready(url):
         print(f"sim serve: {sc.name} listening on {url} (usage db {usage_db}; requests without identity headers "

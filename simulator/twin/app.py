@@ -29,6 +29,8 @@ BODY_TIMEOUT_S = 10.0  # a request's body must arrive within this after its head
 # and records its own timeout, as the simulator does) before it ends the response with an error.
 CLIENT_GRACE_S = 1.0
 TWIN = web.AppKey("twin", Twin)
+BODY_TIMEOUT = web.AppKey("body_timeout", float)
+READING = web.AppKey("reading", set)  # transports of requests whose body is still arriving
 log = logging.getLogger("servesim.twin")
 OLLAMA_VERSION = "0.6.0"  # the Ollama API level the twin speaks (/api/version)
 
@@ -36,7 +38,10 @@ OLLAMA_VERSION = "0.6.0"  # the Ollama API level the twin speaks (/api/version)
 def problem_response(request: web.Request, p: HTTPProblem) -> web.Response:
     shape = OllamaChat if request.path.startswith("/api/") else Encoder
     body = shape.error_body(p.status, p.message, p.type, p.code, p.param)
-    return web.json_response(body, status=p.status, headers=p.headers)
+    resp = web.json_response(body, status=p.status, headers=p.headers)
+    if p.headers.get("Connection") == "close":
+        resp.force_close()  # and no lingering read of a body that is not coming
+    return resp
 
 
 _TYPES = {400: "invalid_request_error", 404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}
@@ -63,10 +68,16 @@ async def errors(request, handler):
 
 
 async def read_json(request) -> dict:
+    limit = request.app[BODY_TIMEOUT]
+    reading, tr = request.app[READING], request.transport
+    reading.add(tr)  # evictable like an idle connection while its body trickles in (server.guard_connections)
     try:  # aiohttp raises 413 past client_max_size; a body sent too slowly (or never) is a 408
-        raw = await asyncio.wait_for(request.read(), BODY_TIMEOUT_S)
+        raw = await asyncio.wait_for(request.read(), limit)
     except asyncio.TimeoutError:
-        raise HTTPProblem(408, f"request body not received within {BODY_TIMEOUT_S:g} s", "request_timeout") from None
+        raise HTTPProblem(408, f"request body not received within {limit:g} s", "request_timeout",
+                          headers={"Connection": "close"}) from None
+    finally:
+        reading.discard(tr)
     if not raw.strip():
         raise bad("request body is empty")
     try:
@@ -392,9 +403,11 @@ async def admin_action(request):
 
 
 # ---------------------------------------------------------------- the app
-def build_app(twin: Twin) -> web.Application:
+def build_app(twin: Twin, body_timeout_s: float = BODY_TIMEOUT_S) -> web.Application:
     app = web.Application(client_max_size=MAX_BODY, middlewares=[errors])
     app[TWIN] = twin
+    app[BODY_TIMEOUT] = body_timeout_s
+    app[READING] = set()
     r = app.router
     for path, api in (("/v1/chat/completions", "openai-chat"), ("/v1/completions", "openai-completions"),
                       ("/v1/responses", "responses"), ("/api/chat", "ollama-chat"), ("/api/generate", "ollama-generate"),

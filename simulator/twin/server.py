@@ -1,9 +1,9 @@
 """Starting and stopping the twin server: in the foreground (`sim serve`) or on a running loop (tests).
 
 Connections are bounded in time and number: one that sends no complete request head within
-IDLE_TIMEOUT_S of opening (or of its last answer) is closed, which covers idle and half-sent
-connections alike (aiohttp's keep-alive timer, armed at accept); a request body must arrive within
-app.BODY_TIMEOUT_S; and past MAX_CONNECTIONS open connections each new one closes the oldest that
+the idle timeout (IDLE_TIMEOUT_S, `--idle-timeout`) of opening or of its last answer is closed,
+which covers idle and half-sent connections alike (aiohttp's keep-alive timer, armed at accept); a
+request body must arrive within the same time after its head (else 408); and past MAX_CONNECTIONS open connections each new one closes the oldest that
 has no request in progress, so a flood of idle sockets can never lock out /health.
 """
 from __future__ import annotations
@@ -18,7 +18,7 @@ from pathlib import Path
 from aiohttp import web
 
 from ..errors import InputError
-from .app import build_app
+from .app import READING, build_app
 from .service import Twin
 
 log = logging.getLogger("servesim.twin")
@@ -26,22 +26,24 @@ IDLE_TIMEOUT_S = 15.0
 MAX_CONNECTIONS = 1000
 
 
-def connection_cap() -> int:
-    """MAX_CONNECTIONS, or fewer when the process may not open that many files (keeps 64 spare)."""
+def connection_cap(want: int = MAX_CONNECTIONS) -> int:
+    """`want`, or fewer when the process may not open that many files: the soft limit is raised
+    towards want + 64 where the hard limit allows, and 64 descriptors stay spare (SQLite, logs)."""
     try:
         soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-        if soft != resource.RLIM_INFINITY and soft < MAX_CONNECTIONS + 64 and (hard == resource.RLIM_INFINITY or hard > soft):
-            resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, MAX_CONNECTIONS + 64) if hard != resource.RLIM_INFINITY
-                                                        else MAX_CONNECTIONS + 64, hard))
+        need = want + 64
+        if soft != resource.RLIM_INFINITY and soft < need:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (need if hard == resource.RLIM_INFINITY else min(need, hard), hard))
             soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
     except (ValueError, OSError):
-        return MAX_CONNECTIONS
-    return MAX_CONNECTIONS if soft == resource.RLIM_INFINITY else max(16, min(MAX_CONNECTIONS, soft - 64))
+        return want
+    return want if soft == resource.RLIM_INFINITY else max(8, min(want, soft - 64))
 
 
-def guard_connections(server, cap: int) -> None:
+def guard_connections(server, cap: int, reading: set) -> None:
     """Wrap aiohttp's low-level server so that past `cap` open connections a new one evicts the
-    oldest idle one (no request in progress), or is itself closed when all are busy."""
+    oldest idle one (no request in progress), else the oldest still sending its request body
+    (`reading`), or is itself closed when every connection is being answered."""
     made = server.connection_made
 
     def connection_made(handler, transport):
@@ -49,7 +51,9 @@ def guard_connections(server, cap: int) -> None:
         conns = server._connections
         if len(conns) <= cap:
             return
-        victim = next((h for h in conns if not h._request_in_progress and h is not handler), handler)
+        victim = next((h for h in conns if not h._request_in_progress and h is not handler), None)
+        if victim is None:
+            victim = next((h for h, tr in conns.items() if tr in reading and h is not handler), handler)
         tr = conns.get(victim)
         if tr is not None:
             tr.close()
@@ -82,10 +86,12 @@ class TwinServer:
         # handler_cancellation: a client that hangs up cancels its handler, which aborts its request
         # keepalive_timeout: aiohttp arms it when a connection opens and after each answer, and closes
         # the connection if no complete request head has come by then (idle or half-sent alike)
-        self.runner = web.AppRunner(build_app(twin), handler_cancellation=True, shutdown_timeout=5.0, access_log=None,
-                                    keepalive_timeout=self.idle_timeout_s)
+        self.runner = web.AppRunner(build_app(twin, self.idle_timeout_s), handler_cancellation=True, shutdown_timeout=5.0, access_log=None,
+                                    keepalive_timeout=self.idle_timeout_s,
+                                    lingering_time=min(self.idle_timeout_s, 2.0))  # unread body after an answer
         await self.runner.setup()
-        guard_connections(self.runner.server, self.max_connections or connection_cap())
+        guard_connections(self.runner.server, connection_cap(self.max_connections or MAX_CONNECTIONS),
+                          self.runner.app[READING])
         site = web.TCPSite(self.runner, self.host, self.port, backlog=2048)
         try:
             await site.start()
