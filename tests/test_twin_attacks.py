@@ -282,6 +282,7 @@ def test_requests_in_flight_at_sigkill_are_closed_out_on_restart(tmp_path):
     assert again == 200
 
 
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
 def test_usage_writer_failures_show_and_a_dead_writer_restarts(tmp_path):
     """The store itself (its thread, a real SQLite file): a write that raises is counted and named
     while the writer goes on; a writer killed outright is restarted by the next write or health
