@@ -8,6 +8,7 @@ import asyncio
 import csv
 import io
 import json
+import resource
 import socket
 import sqlite3
 import time
@@ -177,6 +178,32 @@ def test_idle_and_half_sent_connections_never_lock_out_health(tmp_path, kind):
         for x in socks:
             x.close()
         assert httpx.post(s.url + "/v1/chat/completions", json=CHAT, timeout=BOUND_S).status_code == 200
+
+
+def test_idle_sockets_beyond_the_file_limit_never_lock_out_health(tmp_path):
+    """The issue's attack: a server allowed 1,024 open files and 1,100 idle sockets. Without a cap,
+    accept() runs out of descriptors and /health goes unanswered; with it (448 connections here,
+    a whole accept batch of descriptors kept spare) /health answers within a second."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 1300:
+        pytest.skip(f"this test process may open only {hard} files")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 1300) if hard == resource.RLIM_INFINITY
+                                                else min(max(soft, 1300), hard), hard))
+    try:
+        with serve(scenario(tmp_path), tmp_path, nofile=1024) as s:
+            port = int(s.url.rsplit(":", 1)[1])
+            socks = [_connect(port) for _ in range(1100)]
+            t0 = time.monotonic()
+            h = httpx.get(s.url + "/health", timeout=5.0)
+            health_s = time.monotonic() - t0
+            r = httpx.post(s.url + "/v1/chat/completions", json=CHAT, timeout=BOUND_S)
+            open_now = sum(1 for x in socks if _closed_by_server(x, {}) is None)
+            for x in socks:
+                x.close()
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert h.status_code == 200 and health_s < 1.0 and r.status_code == 200
+    assert open_now <= 448  # the oldest idle ones were closed to make room
 
 
 def test_slow_body_gets_408(tmp_path):

@@ -9,6 +9,7 @@ Scenario files come from test_twin.scenario (a flat cost model: every engine ste
 from __future__ import annotations
 
 import os
+import resource
 import signal
 import socket
 import subprocess
@@ -42,7 +43,9 @@ class Served:
 
 
 @contextmanager
-def serve(scenario_path, tmp: Path, *args: str, db: Path | None = None, out: Path | None = None):
+def serve(scenario_path, tmp: Path, *args: str, db: Path | None = None, out: Path | None = None,
+          nofile: int | None = None):
+    """`nofile`: the server's open-file limit (soft and hard), as on a machine with few descriptors."""
     port = free_port()
     db = db or tmp / "usage.db"
     log = tmp / f"serve-{port}.log"
@@ -51,7 +54,9 @@ def serve(scenario_path, tmp: Path, *args: str, db: Path | None = None, out: Pat
     if out is not None:
         cmd += ["--out", str(out)]
     with open(log, "w") as fh:
-        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        pre = None if nofile is None else (lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile)))
+        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                                preexec_fn=pre)
     srv = Served(proc, f"http://127.0.0.1:{port}", db, log)
     try:
         deadline = time.monotonic() + START_S

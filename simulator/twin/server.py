@@ -24,20 +24,29 @@ from .service import Twin
 log = logging.getLogger("servesim.twin")
 IDLE_TIMEOUT_S = 15.0
 MAX_CONNECTIONS = 1000
+# asyncio accepts up to `backlog` connections in one go before any of them reaches the guard below,
+# so that many descriptors are kept spare (with 64 more for SQLite and files): running out at
+# accept() stops the listener for a second each time.
+BACKLOG = 512
+SPARE_FDS = 64 + BACKLOG
 
 
 def connection_cap(want: int = MAX_CONNECTIONS) -> int:
     """`want`, or fewer when the process may not open that many files: the soft limit is raised
-    towards want + 64 where the hard limit allows, and 64 descriptors stay spare (SQLite, logs)."""
+    towards want + SPARE_FDS where the hard limit allows, and SPARE_FDS descriptors stay spare."""
     try:
         soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-        need = want + 64
+        need = want + SPARE_FDS
         if soft != resource.RLIM_INFINITY and soft < need:
             resource.setrlimit(resource.RLIMIT_NOFILE, (need if hard == resource.RLIM_INFINITY else min(need, hard), hard))
             soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
     except (ValueError, OSError):
         return want
-    return want if soft == resource.RLIM_INFINITY else max(8, min(want, soft - 64))
+    if soft == resource.RLIM_INFINITY:
+        return want
+    if soft - SPARE_FDS >= 16:
+        return min(want, soft - SPARE_FDS)
+    return max(8, min(want, (soft - 64) // 2))  # too few files to keep a whole accept batch spare
 
 
 def guard_connections(server, cap: int, reading: set) -> None:
@@ -51,9 +60,12 @@ def guard_connections(server, cap: int, reading: set) -> None:
         conns = server._connections
         if len(conns) <= cap:
             return
-        victim = next((h for h in conns if not h._request_in_progress and h is not handler), None)
+        # (closed connections leave the dict only once their task ends: skip those already closing)
+        victim = next((h for h, tr in conns.items()
+                       if not h._request_in_progress and h is not handler and not tr.is_closing()), None)
         if victim is None:
-            victim = next((h for h, tr in conns.items() if tr in reading and h is not handler), handler)
+            victim = next((h for h, tr in conns.items() if tr in reading and h is not handler and not tr.is_closing()),
+                          handler)
         tr = conns.get(victim)
         if tr is not None:
             tr.close()
@@ -92,7 +104,7 @@ class TwinServer:
         await self.runner.setup()
         guard_connections(self.runner.server, connection_cap(self.max_connections or MAX_CONNECTIONS),
                           self.runner.app[READING])
-        site = web.TCPSite(self.runner, self.host, self.port, backlog=2048)
+        site = web.TCPSite(self.runner, self.host, self.port, backlog=BACKLOG)
         try:
             await site.start()
         except OSError as exc:
