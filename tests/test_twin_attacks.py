@@ -337,3 +337,33 @@ def test_usage_writer_failures_show_and_a_dead_writer_restarts(tmp_path):
         assert asyncio.run(read(lambda c: c.execute("SELECT 42").fetchone()[0])) == 42
     finally:
         store.close()
+
+
+def test_a_request_that_fails_inside_the_world_gets_a_json_500_and_frees_its_slot(tmp_path):
+    """A scenario whose class priority (10**400, which scenario validation accepts) makes the
+    priority_aging scheduler raise after the gateway admitted the request: the client gets a JSON
+    500, the request its record (http_error, 500), and its queue slot back; 150 of them in a 5-slot
+    queue leave room for the next clients (they used to keep their slots: every later client got 503)."""
+    sc = scenario(tmp_path, 0.002, gateway={"max_queue": 5}, scheduler={"policy": "priority_aging"},
+                  engine={"type": "continuous", "max_num_seqs": 4, "num_blocks": 4096})
+    text = sc.read_text().replace("name: bulk", "name: bulk\n    priority: " + str(10**400))
+    sc.write_text(text)
+
+    async def go(url):
+        async with httpx.AsyncClient(base_url=url, timeout=BOUND_S) as c:
+            bad = await asyncio.gather(*[c.post("/v1/chat/completions", json=CHAT, headers={"X-Class": "bulk"})
+                                         for _ in range(150)])
+            qs = (await c.get("/queue/status")).json()
+            good = [await c.post("/v1/chat/completions", json=CHAT, headers={"X-Class": "api"}) for _ in range(10)]
+            return bad, qs, good
+    with serve(sc, tmp_path) as s:
+        bad, qs, good = asyncio.run(go(s.url))
+        rows = records(s.url)
+        health = httpx.get(s.url + "/health").json()
+    assert {r.status_code for r in bad} == {500}
+    assert all(r.json()["error"]["type"] == "server_error" for r in bad)
+    assert qs["queued"] == 0 and qs["inflight"] == 0
+    assert [r.status_code for r in good] == [200] * 10
+    failed = [r for r in rows if r["class_name"] == "bulk"]
+    assert len(failed) == 150 and {(r["outcome"], r["http_status"]) for r in failed} == {("http_error", "500")}
+    assert health["status"] == "ok" and health["open_requests"] == 0
