@@ -166,7 +166,20 @@ class FromTrace(Strict):
     type: Literal["trace"]  # lengths come with a trace arrival
 
 
-Length = Annotated[Union[Fixed, Uniform, LogNormal, Exponential, Empirical, FromTrace], Field(discriminator="type")]
+class Sequence(Strict):
+    """Lengths in the order listed, each `repeat` times in a row, then over again: a designed experiment
+    (probe scenarios: a prefill sweep at concurrency 1) rather than a distribution."""
+    type: Literal["sequence"]
+    values: list[PosInt] = Field(min_length=1, max_length=100_000)
+    repeat: PosInt = 1
+
+    @property
+    def period(self) -> int:
+        return len(self.values) * self.repeat
+
+
+Length = Annotated[Union[Fixed, Uniform, LogNormal, Exponential, Empirical, FromTrace, Sequence],
+                   Field(discriminator="type")]
 
 
 class PrefixGroups(Strict):

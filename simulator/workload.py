@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import math
+
 import numpy as np
 
 from .registry import Registry
@@ -133,6 +135,11 @@ def empirical(spec, rng, k):
     return rng.choice(vals, size=k, p=p).astype(np.int64)
 
 
+@LENGTHS.register("sequence")
+def sequence(spec, rng, k):
+    return np.resize(np.repeat(np.asarray(spec.values, dtype=np.int64), spec.repeat), k)
+
+
 # ------------------------------------------------------------ the stream
 @dataclass
 class Stream:
@@ -156,10 +163,17 @@ class ClosedLoopSource:
         self.c = scenario.workload.classes[ci]
         self.ci, self.rng, self.i = ci, rng, 0
         self.buf = None
+        # a batch holds whole periods of any `sequence` lengths, so the order runs on across batches
+        self.batch = 1024
+        for spec in (self.c.prompt_tokens, self.c.output_tokens):
+            period = getattr(spec, "period", None)
+            if period:
+                self.batch = self.batch * period // math.gcd(self.batch, period)
+        self.batch = min(self.batch, 1 << 20)
 
     def next(self):
         if self.buf is None or self.i >= len(self.buf[0]):
-            p, o, m, h = _lengths(self.c, self.ci, self.rng, 1024, None)
+            p, o, m, h = _lengths(self.c, self.ci, self.rng, self.batch, None)
             self.buf, self.i = (p, o, m, h), 0
         j = self.i
         self.i += 1

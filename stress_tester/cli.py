@@ -51,6 +51,9 @@ def run(scenario: Path = typer.Argument(..., help="scenario YAML"),
         no_extensions: bool = typer.Option(False, "--no-extensions",
                                            help="omit ignore_eos/min_tokens (servers that reject unknown fields)"),
         poll: float = typer.Option(0.02, "--poll", min=0.001, help="queue API: status poll interval (s)"),
+        prompt_word: str = typer.Option(" the", "--prompt-word",
+                                        help="a text the server's tokenizer makes one token (byte-vocab test models: a)"),
+        no_probe: bool = typer.Option(False, "--no-probe", help="do not ask the server about itself (server.json)"),
         progress_file: Optional[Path] = typer.Option(None, "--progress-file", help="write sent/done counts here"),
         no_plots: bool = typer.Option(False, "--no-plots", help="skip PNG plots"),
         quiet: bool = typer.Option(False, "--quiet", "-q")):
@@ -63,12 +66,16 @@ def run(scenario: Path = typer.Argument(..., help="scenario YAML"),
     if api not in DIALECTS:
         raise InputError("--api", api, f"unknown API (known: {', '.join(DIALECTS)})")
     check_url(base_url)
+    from .prompts import check_word
+    why = check_word(prompt_word)
+    if why:
+        raise InputError("--prompt-word", prompt_word, why)
     sc = load_scenario(scenario, set_, seed)
     out = out or Path("reports") / f"{sc.name}-stress"
     check_out_dir(out)
     opts = Options(base_url=base_url, api=api, model=model, concurrency=concurrency, max_duration=max_duration,
                    grace=grace, retry=retry, max_retries=max_retries, no_stream=no_stream,
-                   extensions=not no_extensions, poll_s=poll,
+                   extensions=not no_extensions, poll_s=poll, prompt_word=prompt_word, probe=not no_probe,
                    progress_file=str(progress_file) if progress_file else None)
     summary = run_stress(sc, opts, out, workers=workers, plots=not no_plots)
     if not quiet:
@@ -85,6 +92,50 @@ def run(scenario: Path = typer.Argument(..., help="scenario YAML"),
     if summary["stress"]["stop_reason"].startswith("interrupted"):
         print(f"stopped early: {summary['stress']['stop_reason']}; the report is partial", file=sys.stderr)
         raise typer.Exit(130)
+
+
+def _floats(text: str, name: str, integer: bool = False) -> list:
+    try:
+        vals = [int(x) if integer else float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise InputError(name, text, "expected a comma-separated list of numbers") from None
+    if any(v <= 0 for v in vals):
+        raise InputError(name, text, "values must be > 0")
+    return vals
+
+
+@app.command()
+@friendly
+def probe(base_url: str = typer.Option(..., "--base-url", help="server root, e.g. http://127.0.0.1:8000"),
+          out: Path = typer.Option(..., "--out", help="folder for the probe runs (one stress run folder each)"),
+          api: str = typer.Option("openai-completions", "--api", help="dialect (as stress run)"),
+          model: Optional[str] = typer.Option(None, "--model", help="model name sent"),
+          users: str = typer.Option("1,4,16,64,128", "--users", help="decode probe concurrencies"),
+          contexts: str = typer.Option("256,2048", "--contexts", help="decode probe prompt lengths"),
+          rates: str = typer.Option("2,6", "--rates", help="Poisson probe rates (req/s)"),
+          heldout_rates: str = typer.Option("", "--heldout-rates", help="held-out Poisson rates (req/s), for sim replay"),
+          prompt_max: Optional[int] = typer.Option(None, "--prompt-max", min=32, help="longest prefill probe prompt"),
+          only: Optional[List[str]] = typer.Option(None, "--only", help="run only folders starting with this"),
+          set_: Optional[List[str]] = typer.Option(None, "--set", help="override a field of every probe scenario"),
+          prompt_word: str = typer.Option(" the", "--prompt-word", help="one token of the server's tokenizer"),
+          no_extensions: bool = typer.Option(False, "--no-extensions", help="omit ignore_eos/min_tokens")):
+    """Run the calibration probes (prefill sweep, decode sweeps, Poisson) against a server, for `sim calibrate`."""
+    from .dialects import DIALECTS
+    from .probe import run_probe
+    from .prompts import check_word
+    from .runner import Options
+    if api not in DIALECTS:
+        raise InputError("--api", api, f"unknown API (known: {', '.join(DIALECTS)})")
+    check_url(base_url)
+    why = check_word(prompt_word)
+    if why:
+        raise InputError("--prompt-word", prompt_word, why)
+    check_out_dir(out)
+    opts = Options(base_url=base_url, api=api, model=model, grace=2.0, extensions=not no_extensions,
+                   prompt_word=prompt_word)
+    done = run_probe(opts, out, _floats(users, "--users", True), _floats(contexts, "--contexts", True),
+                     _floats(rates, "--rates"), _floats(heldout_rates, "--heldout-rates"), set_ or (), prompt_max, only)
+    print(f"{len(done)} probe runs in {out}; next: sim calibrate {out}/probe_* --out profile.yaml")
 
 
 if __name__ == "__main__":  # pragma: no cover

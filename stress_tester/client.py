@@ -18,8 +18,9 @@ from yarl import URL
 
 from simulator.records import OUTCOMES, Request
 
-from .dialects import Queue, StreamError
+from .dialects import EXTENSION_FIELDS, Queue, StreamError
 from .prompts import prompt_text
+from .tokens import TokenLog
 
 try:  # optional: about 3x faster on the per-token parse, same errors (its JSONDecodeError is a ValueError)
     from orjson import loads as _loads
@@ -28,11 +29,13 @@ except ImportError:  # pragma: no cover - depends on the environment
 PROMPT_MARK, LENGTH_MARK = "@@prompt@@", 987654321  # no real length or prompt contains these
 LENGTH_TEXT = str(LENGTH_MARK)
 _REJECTIONS = ("rejected_quota", "rejected_degraded", "rejected_queue_full", "rejected_rate_limited")
+MAX_LINE = 8 << 20  # one SSE/NDJSON line; a server that sends more without a newline is malformed
 
 
 class Job(Request):
     """A record under way, with what only a client sees."""
-    __slots__ = ("usage", "chunks", "complete", "retries", "retry_after", "first_byte")
+    __slots__ = ("usage", "usage_prompt", "chunks", "tokens_n", "complete", "retries", "retry_after", "first_byte",
+                 "finish", "cum", "closed_user", "plain_retry")
 
 
 def classify(status: int, text: str) -> str:
@@ -63,17 +66,20 @@ def retry_after(value: str | None) -> float | None:
 class Client:
     def __init__(self, session: aiohttp.ClientSession, base_url: str, dialect, plan, t0: float, *,
                  model: str | None = None, no_stream: bool = False, retry: bool = False, max_retries: int = 3,
-                 poll_s: float = 0.02):
+                 poll_s: float = 0.02, word: str = " the"):
         self.session, self.dialect, self.plan, self.t0 = session, dialect, plan, t0
         self.base = base_url.rstrip("/")
         self.url = URL(self.base + dialect.path)  # parsed once: aiohttp skips parsing a URL object
-        self.model, self.no_stream = model, no_stream
+        self.model, self.no_stream, self.word = model, no_stream, word
         self.retry, self.max_retries, self.poll_s = retry, max_retries, poll_s
         self.itl = array("d")  # pooled inter-token gaps of ok requests
         self.timeouts = [aiohttp.ClientTimeout(total=c.timeout) for c in plan.classes]
         self.sse = dialect.framing == "sse"
         self.retries = 0
         self.templates: dict = {}
+        self.tokens = TokenLog()  # per-chunk arrivals (request, time, tokens), flushed to disk by the runner
+        self.notes: list = []  # said once in the report (e.g. extension fields turned off)
+        self.counts = {"usage_malformed": 0, "usage_exceeds_max_tokens": 0, "output_length_differs": 0}
 
     # ------------------------------------------------------------------ one request
     def template(self, ci: int, stream: bool) -> str:
@@ -87,9 +93,10 @@ class Client:
 
     def prepare(self, job: Job):
         info = self.plan.classes[job.cls]
-        text = prompt_text(job.prompt, job.rid, job.prefix_hashes, info.prefix_tokens)
+        text = prompt_text(job.prompt, job.rid, job.prefix_hashes, info.prefix_tokens, self.word)
         stream = info.stream and not self.no_stream
         job.stream = stream  # as sent (--no-stream overrides the class)
+        job.cum = 0 if stream and self.dialect.extensions and self.dialect.continuous_usage else None
         t = self.templates.get((job.cls, stream)) or self.template(job.cls, stream)
         body = t.replace(PROMPT_MARK, text).replace(LENGTH_TEXT, str(job.applied_max)).encode()
         h = info.headers.copy()
@@ -105,6 +112,12 @@ class Client:
         exchange = self.queue_exchange if isinstance(self.dialect, Queue) else self.exchange
         while True:
             await exchange(job, body, h, stream)
+            if job.plain_retry:  # the server refused vLLM's extension fields: the same request without them
+                job.plain_retry = False  # once
+                self.reset(job)
+                body, h, stream = self.prepare(job)
+                job.arrival = perf_counter() - self.t0
+                continue
             if not (self.retry and job.outcome in ("rejected_rate_limited", "rejected_queue_full")
                     and job.retries < self.max_retries):
                 return
@@ -115,7 +128,13 @@ class Client:
             await asyncio.sleep(wait)
             job.retries += 1
             self.retries += 1
-            job.outcome, job.error, job.http_status, job.retry_after = None, "", 0, None
+            self.reset(job)
+
+    @staticmethod
+    def reset(job: Job) -> None:
+        job.outcome, job.error, job.http_status, job.retry_after = None, "", 0, None
+        job.usage = job.usage_prompt = None
+        job.finish = ""
 
     def left(self, job: Job) -> float:
         """Time the client still waits for this request: timeout_s counts from the first send, retries included."""
@@ -139,8 +158,10 @@ class Client:
                     o = _loads(raw)
                     if not isinstance(o, dict):
                         raise StreamError("answer is not a JSON object")
-                    job.chunks = self.dialect.whole(o, job)  # usage if reported, else an estimate from the text
+                    job.chunks = 1
+                    job.tokens_n = self.dialect.whole(o, job)  # usage if reported, else an estimate from the text
                     job.first_token = job.last_token = now
+                    self.tokens.add(job.rid, now, job.tokens_n)
             self.complete(job)
         except BaseException as exc:  # noqa: BLE001 - every failure becomes an outcome
             if isinstance(exc, asyncio.CancelledError):
@@ -148,19 +169,56 @@ class Client:
             self.failed(job, exc)
 
     async def read_stream(self, job: Job, resp) -> None:
+        """Lines are cut only where a newline arrived, and each byte is joined into a line once: linear
+        in the stream's size however the server splits it. A chunk of k tokens after a gap g adds the gap
+        g and k - 1 zero gaps to ITL (its tokens arrived together), so gaps sum to E2E - TTFT."""
         t0, ev, sse = self.t0, self.dialect.event, self.sse
+        log = self.tokens
+        rid = job.rid
         gaps = []
-        buf = b""
+        pending: list = []
+        plen = 0
         last = None
         mx = 0.0
-        chunks = 0
+        chunks = ntok = 0
+
+        def take(obj, now):
+            nonlocal last, mx, chunks, ntok
+            n = ev(obj, job)
+            if n:
+                if last is None:
+                    job.first_token = now
+                else:
+                    g = now - last
+                    gaps.append(g)
+                    if g > mx:
+                        mx = g
+                if n > 1:
+                    gaps.extend([0.0] * (n - 1))
+                last = now
+                chunks += 1
+                ntok += n
+                log.add(rid, now, n)
         try:
             async for data in resp.content.iter_any():
+                if b"\n" not in data:
+                    pending.append(data)
+                    plen += len(data)
+                    if plen > MAX_LINE:
+                        raise StreamError(f"a line of over {MAX_LINE} bytes without a newline")
+                    continue
                 now = perf_counter() - t0
-                if buf:
-                    data = buf + data
+                if pending:
+                    pending.append(data)
+                    data = b"".join(pending)
+                    pending.clear()
                 lines = data.split(b"\n")
-                buf = lines.pop()
+                tail = lines.pop()
+                plen = len(tail)
+                if tail:
+                    pending.append(tail)
+                    if plen > MAX_LINE:
+                        raise StreamError(f"a line of over {MAX_LINE} bytes without a newline")
                 for ln in lines:
                     if sse:
                         if not ln.startswith(b"data:"):
@@ -171,30 +229,17 @@ class Client:
                             continue
                     elif not ln.strip():
                         continue
-                    if ev(_loads(ln), job):
-                        if last is None:
-                            job.first_token = now
-                        else:
-                            g = now - last
-                            gaps.append(g)
-                            if g > mx:
-                                mx = g
-                        last = now
-                        chunks += 1
-            if buf.strip() and not sse:  # NDJSON whose last line has no newline
-                now = perf_counter() - t0
-                if ev(_loads(buf), job):
-                    if last is not None:
-                        gaps.append(now - last)
-                        mx = max(mx, now - last)
-                    else:
-                        job.first_token = now
-                    last = now
-                    chunks += 1
+                    take(_loads(ln), now)
+            if pending and not sse:  # NDJSON whose last line has no newline
+                ln = b"".join(pending)
+                if ln.strip():
+                    take(_loads(ln), perf_counter() - t0)
         finally:  # what arrived before a failure still counts as received
-            job.chunks, job.last_token, job.itl_max = chunks, last, mx
+            job.chunks, job.tokens_n, job.last_token, job.itl_max = chunks, ntok, last, mx
+        if not job.complete and (job.finish or job.usage is not None):
+            job.complete = True  # a clean end after a finish_reason or usage, without `data: [DONE]` (transformers serve)
         if not job.complete:
-            raise StreamError(f"stream ended before completion after {chunks} token(s)")
+            raise StreamError(f"stream ended before completion after {ntok} token(s)")
         if gaps:
             self.itl.fromlist(gaps)
 
@@ -236,6 +281,7 @@ class Client:
                     return
                 job.usage = d.progress(o)
                 job.chunks = 1
+                job.tokens_n = job.usage
                 job.complete = True
                 if job.first_token is None:
                     job.first_token = now
@@ -249,7 +295,12 @@ class Client:
     # ------------------------------------------------------------------ endings
     def complete(self, job: Job) -> None:
         u = job.usage
-        job.generated = u if isinstance(u, int) and u >= 0 else job.chunks
+        if u is not None and u > job.applied_max:
+            self.counts["usage_exceeds_max_tokens"] += 1
+            raise StreamError(f"server reports {u} output tokens for max_tokens {job.applied_max}")
+        job.generated = u if u is not None else (job.tokens_n or 0)
+        if job.generated != job.applied_max:
+            self.counts["output_length_differs"] += 1
         if job.last_token is None:  # a complete answer without any text: its end is its only token time
             job.first_token = job.last_token = perf_counter() - self.t0
         job.end = job.last_token
@@ -264,10 +315,32 @@ class Client:
         job.outcome = classify(resp.status, text)
         job.error = one_line(f"HTTP {resp.status}: {text}")
         job.retry_after = retry_after(resp.headers.get("Retry-After"))
+        if resp.status in (400, 422) and job.plain_retry is None:
+            self.refused_fields(job, resp.status, text)
+
+    def refused_fields(self, job: Job, status: int, text: str) -> None:
+        """A 400/422 naming vLLM's extension fields: turn them off for the rest of the run (said once in
+        the report) and send this request again without them (once)."""
+        d = self.dialect
+        named = [f for f in EXTENSION_FIELDS if f in text]
+        if not named:
+            return
+        if d.extensions:
+            if named == ["continuous_usage_stats"]:
+                if not d.continuous_usage:
+                    return
+                d.continuous_usage, what = False, "stream_options.continuous_usage_stats"
+            else:
+                d.extensions, what = False, "ignore_eos/min_tokens"
+            self.templates.clear()
+            self.notes.append(f"the server refused {what} (HTTP {status}: {one_line(text, 120)}); sent without "
+                              f"them from request {job.rid} on" + ("" if d.extensions else
+                              ": output lengths are the server's choice up to max_tokens (output_length_differs)"))
+        job.plain_retry = True
 
     def failed(self, job: Job, exc: BaseException) -> None:
         job.end = perf_counter() - self.t0
-        job.generated = job.chunks or 0
+        job.generated = job.tokens_n or 0
         mid = job.http_status and 200 <= job.http_status < 300
         if isinstance(exc, TimeoutError):  # aiohttp's own timeouts derive from it too
             job.outcome, job.error = "timeout", f"no complete answer within timeout_s={job.timeout:g}"

@@ -14,18 +14,36 @@ class StreamError(Exception):
     """The server's stream said something we cannot take as tokens (an error event, a wrong shape)."""
 
 
+# Fields only vLLM-family servers accept (transformers `serve` answers 422 "Unexpected fields", OpenAI
+# proper 400 "Unrecognized request argument"): a 400/422 naming one of them turns them off (client.py).
+EXTENSION_FIELDS = ("ignore_eos", "min_tokens", "continuous_usage_stats")
+
+
+def count(value, what: str):
+    """A token count as the server reported it: None when absent, else a non-negative int (bool is not
+    one, nor 3.0); anything else is a malformed answer for this request, never a crash later on."""
+    if value is None:
+        return None
+    if type(value) is not int or value < 0:
+        raise StreamError(f"malformed {what}: {str(value)[:40]!r}")
+    return value
+
+
 class Dialect:
     name = ""
     path = ""
     framing = "sse"  # or "ndjson"
     # vLLM/SGLang/llama.cpp accept these; OpenAI proper rejects unknown fields, hence --no-extensions
     extensions = True
+    # vLLM only: usage on every chunk (stream_options.continuous_usage_stats), so each chunk's token count
+    # is exact even when the server merges several tokens into one chunk under load
+    continuous_usage = False
 
     def body(self, model: str, prompt: str, n: int, stream: bool, user: str) -> dict:
         raise NotImplementedError
 
     def event(self, o: dict, job) -> int:
-        """Tokens in one streamed event; sets job.usage / job.complete when the event says so."""
+        """Tokens in one streamed event; sets job.usage / job.finish / job.complete when the event says so."""
         raise NotImplementedError
 
     def whole(self, o: dict, job) -> int:
@@ -54,6 +72,8 @@ class OpenAIChat(Dialect):
              "stream": stream, "user": user}
         if stream:
             b["stream_options"] = {"include_usage": True}
+            if self.extensions and self.continuous_usage:
+                b["stream_options"]["continuous_usage_stats"] = True
         if self.extensions:
             b["ignore_eos"] = True
             b["min_tokens"] = n
@@ -63,12 +83,33 @@ class OpenAIChat(Dialect):
         d = choice.get("delta")
         return d.get("content") if d else None
 
+    def _usage(self, u, job):
+        if not isinstance(u, dict):
+            raise StreamError(f"malformed usage: {str(u)[:40]!r}")
+        job.usage = count(u.get("completion_tokens"), "usage.completion_tokens")
+        job.usage_prompt = count(u.get("prompt_tokens"), "usage.prompt_tokens")
+
     def event(self, o, job):
         ch = o.get("choices")
-        n = 1 if ch and self.text(ch[0]) else 0
         u = o.get("usage")
-        if u:
-            job.usage = u.get("completion_tokens")
+        n = 0
+        if ch:
+            c = ch[0]
+            if not isinstance(c, dict):
+                raise StreamError("choice is not an object")
+            if u and job.cum is not None:  # continuous usage: the chunk's tokens, exactly
+                before = job.cum
+                self._usage(u, job)
+                job.cum = job.usage
+                n = job.usage - before if job.usage is not None and job.usage > before else 0
+            else:
+                n = 1 if self.text(c) else 0
+                if u:  # usage on the last content chunk (transformers serve, some gateways)
+                    self._usage(u, job)
+            if c.get("finish_reason"):
+                job.finish = str(c["finish_reason"])[:32]
+        elif u:
+            self._usage(u, job)
         elif "error" in o:
             _error(o)
         return n
@@ -76,10 +117,12 @@ class OpenAIChat(Dialect):
     def whole(self, o, job):
         _error(o)
         ch = o.get("choices")
-        if not isinstance(ch, list) or not ch:
+        if not isinstance(ch, list) or not ch or not isinstance(ch[0], dict):
             raise StreamError("answer has no choices")
-        u = o.get("usage") or {}
-        job.usage = u.get("completion_tokens")
+        u = o.get("usage")
+        if u is not None:
+            self._usage(u, job)
+        job.finish = str(ch[0].get("finish_reason") or "")[:32]
         job.complete = True
         return job.usage if job.usage is not None else _words(self.whole_text(ch[0]))
 
@@ -115,22 +158,26 @@ class OllamaChat(Dialect):
 
     def text(self, o):
         m = o.get("message")
-        return m.get("content") if m else None
+        return m.get("content") if isinstance(m, dict) else None
+
+    def _final(self, o, job):
+        job.complete = True
+        job.usage = count(o.get("eval_count"), "eval_count")
+        job.usage_prompt = count(o.get("prompt_eval_count"), "prompt_eval_count")
+        job.finish = str(o.get("done_reason") or "")[:32]
 
     def event(self, o, job):
         if "error" in o:
             _error(o)
         if o.get("done"):
-            job.complete = True
-            job.usage = o.get("eval_count")
+            self._final(o, job)
         return 1 if self.text(o) else 0
 
     def whole(self, o, job):
         _error(o)
         if not o.get("done"):
             raise StreamError("answer is not done")
-        job.complete = True
-        job.usage = o.get("eval_count")
+        self._final(o, job)
         return job.usage if job.usage is not None else _words(self.text(o))
 
 
@@ -146,6 +193,9 @@ class OllamaGenerate(OllamaChat):
 
 
 class LlamaCpp(Dialect):
+    """llama-server's native /completion. Every streamed event is one sampled token, also when its text
+    is empty (a byte-fallback or padding token renders as ""), unless it lists its `tokens`; the final
+    event (`stop: true`) carries none (tools/server/server.cpp, to_json_non_oaicompat_partial/final)."""
     name = "llamacpp"
     path = "/completion"
 
@@ -155,26 +205,33 @@ class LlamaCpp(Dialect):
             b["ignore_eos"] = True
         return b
 
-    def _usage(self, o):
+    def _final(self, o, job):
+        job.complete = True
         u = o.get("tokens_predicted")
-        if u is None:
-            u = (o.get("timings") or {}).get("predicted_n")
-        return u
+        timings = o.get("timings")
+        if u is None and isinstance(timings, dict):
+            u = timings.get("predicted_n")
+        job.usage = count(u, "tokens_predicted")
+        job.usage_prompt = count(o.get("tokens_evaluated"), "tokens_evaluated")
+        job.finish = str(o.get("stop_type") or "")[:32]
 
     def event(self, o, job):
         if "error" in o:
             _error(o)
+        toks = o.get("tokens")
+        n = len(toks) if isinstance(toks, list) else None
         if o.get("stop"):
-            job.complete = True
-            job.usage = self._usage(o)
-        return 1 if o.get("content") else 0
+            self._final(o, job)
+            return n or 0
+        if n is not None:
+            return n
+        return 1 if "content" in o else 0
 
     def whole(self, o, job):
         _error(o)
         if "content" not in o:
             raise StreamError("answer has no content")
-        job.complete = True
-        job.usage = self._usage(o)
+        self._final(o, job)
         return job.usage if job.usage is not None else _words(o.get("content"))
 
 
@@ -187,7 +244,12 @@ class Responses(Dialect):
 
     def _final(self, r, job):
         job.complete = True
-        job.usage = ((r or {}).get("usage") or {}).get("output_tokens")
+        u = (r or {}).get("usage") or {}
+        if not isinstance(u, dict):
+            raise StreamError(f"malformed usage: {str(u)[:40]!r}")
+        job.usage = count(u.get("output_tokens"), "usage.output_tokens")
+        job.usage_prompt = count(u.get("input_tokens"), "usage.input_tokens")
+        job.finish = str((r or {}).get("status") or "")[:32]
 
     def event(self, o, job):
         t = o.get("type", "")

@@ -23,8 +23,10 @@ import numpy as np
 from simulator.metrics import summarize
 from simulator.records import COLUMN_NAMES
 from simulator.report import write_report
+from simulator.runfolder import CLIENT_COLUMNS, TOKEN_PARTS, merge_token_parts
 
 from .client import Job
+from .facts import probe
 from .runner import SPIN_S, Options, Part, Runner, to_part
 from .schedule import Plan, build_plan, not_sent
 
@@ -43,8 +45,15 @@ def accuracy(lag_pairs: np.ndarray, opts: Options, workers: int, parts: list, n_
            "retry": opts.retry, "scheduled_open_loop": n_scheduled, "records": n_rows,
            "sent_open_loop": int(len(lag_pairs)),
            "stop_reason": next((p.stop_reason for p in parts if p.stop_reason), "")}
-    for k in ("retries", "usage_reported", "usage_differs_from_chunks"):
+    for k in ("retries", "usage_reported", "usage_differs_from_chunks", "usage_exceeds_max_tokens",
+              "output_length_differs"):
         out[k] = int(sum(p.counters.get(k, 0) for p in parts))
+    notes = []
+    for p in parts:
+        for n in p.notes or ():
+            if n not in notes:
+                notes.append(n)
+    out["notes"] = notes
     ttfb = np.frombuffer(b"".join(p.ttfb for p in parts), dtype=np.float64)
     if ttfb.size:
         q = np.percentile(ttfb, [50, 90, 99])
@@ -88,7 +97,7 @@ def _child(plan: Plan, opts: Options, k: int, n: int, conn) -> None:
             if final or now - last[0] >= 0.2:
                 last[0] = now
                 conn.send(("progress", k, sent, done))
-        runner = Runner(plan, opts, range(k, len(plan), n), closed=(k == 0), progress=progress)
+        runner = Runner(plan, opts, range(k, len(plan), n), closed=(k == 0), progress=progress, worker=k)
 
         def start():  # called with the loop and session up, so the common start finds every worker ready
             conn.send(("ready", k))
@@ -213,24 +222,62 @@ def _write_progress(path, sent, done, scheduled, final):
 
 # ------------------------------------------------------------------ the command's body
 def run_stress(sc, opts: Options, out: Path, workers: int = 1, plots: bool = True, log=print) -> dict:
+    """Facts about the server, the run, then the run folder: requests.csv and the report (as `sim run`),
+    client.csv, tokens.parquet (per-chunk arrivals, kept on disk while running) and server.json."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    for old in out.glob(TOKEN_PARTS):  # a previous run's leftovers would mix with this one's
+        old.unlink()
     plan = build_plan(sc)
+    facts_start = probe(opts.base_url, opts.model) if opts.probe else {"kind": "unknown", "facts": {}, "raw": {}}
+    opts = dataclasses.replace(opts, record_dir=str(out), server_kind=facts_start["kind"])
+    served = [m.get("id") for m in facts_start["raw"].get("models") or [] if m.get("id")]
+    wanted = {c.model for c in plan.classes}
+    model_note = ""
+    if opts.model is None and served and not wanted & set(served):
+        # the scenario's model names are not this server's: send the one it serves (vLLM --served-model-name)
+        opts = dataclasses.replace(opts, model=served[0])
+        model_note = (f"the server serves {served[:4]} and none of the scenario's models {sorted(wanted)}: "
+                      f"sent model {served[0]!r} (choose with --model)")
     if opts.spin_s is None and workers >= (os.cpu_count() or 1):
         opts = dataclasses.replace(opts, spin_s=0.0)
     if workers > 1:
         parts = run_workers(plan, opts, workers, log)
     else:
         parts = [Runner(plan, opts).run()]
+    facts_end = probe(opts.base_url, opts.model) if opts.probe else {"kind": "unknown", "facts": {}, "raw": {}}
     rows = [r for p in parts for r in p.rows]
     rows.sort(key=lambda r: r[0])
     lag = np.frombuffer(b"".join(p.lag for p in parts), dtype=np.float64).reshape(-1, 2)
     gaps = np.frombuffer(b"".join(p.itl for p in parts), dtype=np.float64)
     acc = accuracy(lag, opts, workers, parts, len(rows), len(plan))
-    summary = write_report(Path(out), sc, rows,
+    if model_note:
+        acc["notes"].insert(0, model_note)
+    samples = sorted(x for p in parts for x in (p.samples or ()))
+    server = {"kind": facts_start["kind"], "facts": {**facts_start["facts"], **{k: v for k, v in facts_end["facts"].items()
+                                                                          if k not in facts_start["facts"]}},
+              "start": facts_start["raw"], "end": facts_end["raw"],
+              "samples": [{"t_s": t, "running": r, "waiting": w} for t, r, w in samples]}
+    acc["server"] = {"kind": server["kind"], "facts": server["facts"], "gauge_samples": len(samples)}
+    write_client_csv(out / "client.csv", sorted(c for p in parts for c in (p.client_rows or ())))
+    merge_token_parts(out)
+    (out / "server.json").write_text(json.dumps(server, indent=1, sort_keys=True, default=str) + "\n")
+    summary = write_report(out, sc, rows,
                            lambda df: summarize(df, sc, (gaps, np.ones(gaps.size)), None, "stress", {"stress": acc}),
                            plots, title="stress run")
     for w in acc["warnings"]:
         log(f"warning: {w}: the offered load is below the scenario's; see summary.json stress", file=sys.stderr)
+    for n in acc["notes"]:
+        log(f"note: {n}", file=sys.stderr)
     if opts.progress_file:
         _write_progress(opts.progress_file, len(rows), len(rows), len(plan), True)
     return summary
 
+
+def write_client_csv(path: Path, rows: list) -> None:
+    import csv
+    with open(path, "w", newline="") as fh:
+        w = csv.writer(fh, lineterminator="\n")
+        w.writerow(CLIENT_COLUMNS)
+        for r in rows:
+            w.writerow(["" if v is None else v for v in r])

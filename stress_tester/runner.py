@@ -25,8 +25,11 @@ import numpy as np
 
 from simulator.records import row
 
+from simulator.runfolder import token_part
+
 from .client import Client, Job
 from .dialects import DIALECTS
+from .facts import sample
 from .schedule import Plan, closed_base, not_sent, sent_length
 
 SPIN_S = 0.0015  # default; 0 when sending processes would outnumber the CPUs (see run.py)
@@ -46,6 +49,11 @@ class Options:
     extensions: bool = True
     poll_s: float = 0.02
     progress_file: str | None = None
+    record_dir: str | None = None  # where tokens-<worker>.bin goes (the run folder); None: not kept
+    server_kind: str = "unknown"  # from facts.probe: vLLM gets continuous usage stats
+    sample_s: float = 1.0  # server gauge sampling period (worker 0 only)
+    probe: bool = True  # ask the server about itself at start and end (server.json)
+    prompt_word: str = " the"  # one token of the server's tokenizer (prompts.py)
     spin_s: float | None = None  # None: SPIN_S, or 0 when workers >= CPUs (spinning would steal their time)
 
 
@@ -58,36 +66,51 @@ class Part:
     itl: bytes  # float64 pooled inter-token gaps of ok requests
     counters: dict
     stop_reason: str
+    client_rows: list = None  # (request_id, closed_user, prompt_tokens_server, output_tokens_server, finish, chunks)
+    notes: list = None
+    samples: list = None  # (t_s, running, waiting) of the server's gauges
 
 
-def to_part(plan: Plan, jobs: list, itl: bytes, retries: int, stop_reason: str) -> Part:
+def to_part(plan: Plan, jobs: list, itl: bytes, retries: int, stop_reason: str, client=None, samples=None) -> Part:
     names = plan.names()
     classes = plan.classes
     n_open = len(plan)
-    rows, lag, ttfb = [], array("d"), array("d")
+    rows, lag, ttfb, crows = [], array("d"), array("d"), []
     usage_given = mismatch = 0
     for j in jobs:
         info = classes[j.cls]
         j.cost = j.prompt * info.cost_prompt + j.generated * info.cost_output
         rows.append(row(j, names))
+        usage = getattr(j, "usage", None)
+        if j.arrival is not None:
+            crows.append((j.rid, getattr(j, "closed_user", -1), getattr(j, "usage_prompt", None), usage,
+                          getattr(j, "finish", ""), getattr(j, "chunks", None)))
         if j.rid < n_open and j.arrival is not None:
             lag.append(j.scheduled)
             lag.append(j.arrival)
         if j.outcome == "ok":
             if j.first_byte is not None:
                 ttfb.append(j.first_byte - j.arrival)
-            if isinstance(j.usage, int) and j.chunks is not None:
+            if isinstance(usage, int) and j.stream:
                 usage_given += 1
-                mismatch += j.usage != j.chunks and j.stream
-    return Part(rows, lag.tobytes(), ttfb.tobytes(), itl, {"retries": retries, "usage_reported": usage_given,
-                                                           "usage_differs_from_chunks": int(mismatch)}, stop_reason)
+                mismatch += usage != j.tokens_n
+            elif isinstance(usage, int):
+                usage_given += 1
+    counters = {"retries": retries, "usage_reported": usage_given, "usage_differs_from_chunks": int(mismatch)}
+    if client is not None:
+        counters.update(client.counts)
+    return Part(rows, lag.tobytes(), ttfb.tobytes(), itl, counters, stop_reason, crows,
+                list(client.notes) if client is not None else [], list(samples or []))
 
 
 def new_job(rid, ci, info, scheduled, prompt, output, max_tokens, hashes) -> Job:
     job = Job(rid, ci, scheduled, prompt, output, max_tokens, info.timeout, hashes)
     job.priority, job.stream = info.priority, info.stream
     job.applied_max = sent_length(output, max_tokens)
-    job.usage = job.chunks = job.retry_after = job.first_byte = None
+    job.usage = job.usage_prompt = job.chunks = job.retry_after = job.first_byte = job.cum = job.plain_retry = None
+    job.tokens_n = 0
+    job.finish = ""
+    job.closed_user = -1
     job.complete = False
     job.retries = 0
     job.arrival = None  # set when sent; None marks never sent
@@ -95,8 +118,10 @@ def new_job(rid, ci, info, scheduled, prompt, output, max_tokens, hashes) -> Job
 
 
 class Runner:
-    def __init__(self, plan: Plan, opts: Options, indices=None, closed: bool = True, progress=None):
+    def __init__(self, plan: Plan, opts: Options, indices=None, closed: bool = True, progress=None, worker: int = 0):
         self.plan, self.opts = plan, opts
+        self.worker = worker
+        self.samples: list = []
         self.indices = list(range(len(plan))) if indices is None else list(indices)
         self.with_closed = closed
         self.progress = progress  # callable(sent, done) or None; else opts.progress_file
@@ -137,6 +162,7 @@ class Runner:
             signals = ()
         dialect = DIALECTS[self.opts.api]()
         dialect.extensions = self.opts.extensions
+        dialect.continuous_usage = self.opts.server_kind == "vllm"
         connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=None, enable_cleanup_closed=False)
         try:
             async with aiohttp.ClientSession(connector=connector, auto_decompress=False, cookie_jar=aiohttp.DummyCookieJar(),
@@ -148,15 +174,22 @@ class Runner:
                 self.t0 = t0
                 self.client = Client(session, self.opts.base_url, dialect, self.plan, t0, model=self.opts.model,
                                      no_stream=self.opts.no_stream, retry=self.opts.retry,
-                                     max_retries=self.opts.max_retries, poll_s=self.opts.poll_s)
+                                     max_retries=self.opts.max_retries, poll_s=self.opts.poll_s,
+                                     word=self.opts.prompt_word)
+                if self.opts.record_dir:
+                    self.client.tokens.open(token_part(self.opts.record_dir, self.worker))
                 self.sem = asyncio.Semaphore(self.opts.concurrency) if self.opts.concurrency else None
-                await self.drive()
+                try:
+                    await self.drive()
+                finally:
+                    self.client.tokens.close()
         finally:
             for s in signals:
                 loop.remove_signal_handler(s)
         for k in range(self.pos, len(self.indices)):
             self.jobs.append(not_sent(self.plan, self.indices[k], self.stop_reason or "not sent", Job))
-        return to_part(self.plan, self.jobs, self.client.itl.tobytes(), self.client.retries, self.stop_reason)
+        return to_part(self.plan, self.jobs, self.client.itl.tobytes(), self.client.retries, self.stop_reason,
+                       self.client, self.samples)
 
     def on_signal(self, s):
         name = signal.Signals(s).name
@@ -182,7 +215,11 @@ class Runner:
             for ci in plan.closed:
                 for u in range(plan.sc.workload.classes[ci].arrival.users):
                     senders.append(asyncio.create_task(self.closed_user(ci, u, counter)))
-        aux = [asyncio.create_task(self.report_progress())]
+        aux = [asyncio.create_task(self.report_progress()), asyncio.create_task(self.flush_tokens())]
+        sampling = asyncio.Event()
+        if self.worker == 0 and opts.sample_s > 0:
+            aux.append(asyncio.create_task(sample(self.client.session, opts.base_url, opts.server_kind, self.t0,
+                                                  self.samples, sampling, opts.sample_s)))
         if opts.max_duration is not None:
             aux.append(asyncio.create_task(self.deadline(opts.max_duration, self.max_duration_reason())))
         stop_wait = asyncio.create_task(self.stop.wait())
@@ -207,6 +244,7 @@ class Runner:
                 self.cancel_note = "timeout"  # as the simulator ends requests still running at drain_s
             self.cancel_all("drain_s reached" if not self.stop.is_set() else "cancelled at shutdown")
         await asyncio.gather(*list(self.inflight), return_exceptions=True)
+        sampling.set()
         stop_wait.cancel()
         for t in aux:
             t.cancel()
@@ -230,6 +268,11 @@ class Runner:
         self.cancel_why = why
         for t in list(self.inflight):
             t.cancel()
+
+    async def flush_tokens(self):
+        while True:
+            await asyncio.sleep(0.5)
+            self.client.tokens.flush()
 
     async def deadline(self, seconds, reason):
         await asyncio.sleep(max(0.0, self.t0 + seconds - perf_counter()))
@@ -304,7 +347,7 @@ class Runner:
                 job.outcome = self.cancel_note or "stream_error"
                 job.error = self.cancel_why
                 job.end = perf_counter() - self.t0
-                job.generated = job.chunks or 0
+                job.generated = job.tokens_n or 0
 
     async def closed_user(self, ci: int, u: int, counter: list):
         sc = self.plan.sc
@@ -317,11 +360,13 @@ class Runner:
             horizon = min(horizon, self.opts.max_duration)
         limit = sc.num_requests if sc.num_requests is not None else float("inf")
         base = closed_base(self.plan, ci)
+        await asyncio.sleep(max(0.0, self.t0 - perf_counter()))  # users start with the run, not before it
         while perf_counter() - self.t0 < horizon and counter[0] < limit and not self.stop.is_set():
             counter[0] += 1
             p, o, m, h = src.next()
             now = perf_counter() - self.t0
             job = new_job(base + counter[0] - 1, ci, info, now, p, o, m, h)
+            job.closed_user = u
             self.jobs.append(job)
             task = asyncio.create_task(self.fire(job))
             self.track(task)
