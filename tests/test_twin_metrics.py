@@ -178,3 +178,12 @@ def test_default_user_flag_names_the_tenant_of_anonymous_requests(tmp_path):
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "--default-user" in bad.stderr and "mallory" in bad.stderr
     assert "Traceback" not in bad.stderr
+
+
+def test_the_stress_tester_recognises_the_twin(srv):
+    """`stress run` asks a server what it is; the twin also answers vLLM's and Ollama's questions
+    now, and must still be recognised as the twin (its gauges come from /queue/status)."""
+    from stress_tester.facts import probe
+    r = probe(srv.url, "m1")
+    assert r["kind"] == "twin" and r["raw"]["health"]["scenario"] == "metrics"
+    assert r["facts"]["max_model_len"] == 512 * 16
