@@ -20,7 +20,6 @@ clock, as in requests.csv. The collector is read at scrape time; nothing here ru
 from __future__ import annotations
 
 from bisect import bisect_left
-from collections import defaultdict
 
 import numpy as np
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
@@ -48,26 +47,45 @@ def buckets_1_2_5(max_value: int) -> tuple:
 
 
 class Hist:
-    """Counts per bucket (the last one +Inf) and the sum, filled one value or one array at a time."""
+    """Counts per bucket (the last one +Inf) and the sum, filled one value or many at a time."""
     __slots__ = ("bounds", "counts", "sum")
 
     def __init__(self, bounds):
         self.bounds = tuple(float(b) for b in bounds)
-        self.counts = np.zeros(len(self.bounds) + 1, dtype=np.int64)
+        self.counts = [0] * (len(self.bounds) + 1)
         self.sum = 0.0
 
     def observe(self, x: float) -> None:
         self.counts[bisect_left(self.bounds, x)] += 1  # le is inclusive: x == bound lands in that bucket
         self.sum += x
 
-    def observe_many(self, xs: np.ndarray) -> None:
-        if xs.size:
-            self.counts += np.bincount(np.searchsorted(self.bounds, xs, side="left"), minlength=self.counts.size)
-            self.sum += float(xs.sum())
+    def observe_gaps(self, times) -> None:
+        """Every gap between consecutive times (a request's token times): a loop for short answers,
+        numpy for long ones."""
+        n = len(times)
+        if n < 2:
+            return
+        if n < 64:
+            b, c = self.bounds, self.counts
+            prev, tot = times[0], 0.0
+            for x in times[1:]:
+                g = x - prev
+                c[bisect_left(b, g)] += 1
+                tot += g
+                prev = x
+            self.sum += tot
+            return
+        gaps = np.diff(np.asarray(times, dtype=float))
+        for i, k in enumerate(np.bincount(np.searchsorted(self.bounds, gaps, side="left"), minlength=len(self.counts))):
+            self.counts[i] += int(k)
+        self.sum += float(gaps.sum())
 
     def buckets(self) -> list:
-        cum = np.cumsum(self.counts)
-        return [(repr(b), int(c)) for b, c in zip(self.bounds, cum[:-1])] + [("+Inf", int(cum[-1]))]
+        out, c = [], 0
+        for b, n in zip(self.bounds, self.counts):
+            c += n
+            out.append((repr(b), c))
+        return out + [("+Inf", c + self.counts[-1])]
 
 
 def cache_info(sc, replicas) -> list[dict]:
@@ -102,6 +120,18 @@ def max_model_len(sc, replicas) -> int | None:
     return None
 
 
+class _Key:
+    """The counters and histograms of one (model_name, engine) pair."""
+    __slots__ = ("prompt", "generation", "preemptions", "success", "hists")
+    NAMES = ("ttft", "tpot", "itl", "e2e", "queue", "prompt_tokens", "generation_tokens")
+
+    def __init__(self, len_buckets):
+        self.prompt = self.generation = self.preemptions = 0
+        self.success: dict = {}
+        self.hists = [Hist(b) for b in (TTFT_BUCKETS, TPOT_BUCKETS, TPOT_BUCKETS, REQUEST_LATENCY_BUCKETS,
+                                        REQUEST_LATENCY_BUCKETS, len_buckets, len_buckets)]
+
+
 class VllmMetrics:
     """Request-level vLLM metrics, fed as requests finish; `collect()` adds the live gauges."""
 
@@ -110,42 +140,36 @@ class VllmMetrics:
         self.sc = world.sc
         self.max_len = max_model_len(self.sc, world.replicas) or max(
             [m.max_max_tokens or 0 for m in self.sc.tenants.models] + [4096])
+        self.len_buckets = buckets_1_2_5(self.max_len)
         self.default_model = next((m.name for m in self.sc.tenants.models if m.enabled), "")
-        self.success = defaultdict(int)  # (model, engine, reason)
-        self.prompt = defaultdict(int)
-        self.generation = defaultdict(int)
-        self.preemptions = defaultdict(int)
-        self.hists: dict = {}  # (name, model, engine) -> Hist
-
-    def _h(self, name, bounds, key) -> Hist:
-        h = self.hists.get((name, *key))
-        if h is None:
-            h = self.hists[(name, *key)] = Hist(bounds)
-        return h
+        self.keys: dict = {}  # (model, engine) -> _Key
 
     def observe(self, req, finish_reason: str | None, times) -> None:
         """`req` finished; `finish_reason` is what its client was told (None: not ok)."""
         o = req.outcome
         if req.start is None and o != "ok":
             return  # never reached an engine (rejected, or gave up in a queue): vLLM would not count it
-        key = (req.model, str(max(req.replica, 0)))
-        self.prompt[key] += req.prompt
-        self.generation[key] += req.generated
-        self.preemptions[key] += req.preemptions
+        key = (req.model, str(req.replica if req.replica > 0 else 0))
+        k = self.keys.get(key)
+        if k is None:
+            k = self.keys[key] = _Key(self.len_buckets)
+        k.prompt += req.prompt
+        k.generation += req.generated
+        k.preemptions += req.preemptions
+        ttft, tpot, itl, e2e, queue, ptok, gtok = k.hists
         if req.first_token is not None:
-            self._h("ttft", TTFT_BUCKETS, key).observe(req.first_token - req.arrival)
+            ttft.observe(req.first_token - req.arrival)
+        reason = (finish_reason or "stop") if o == "ok" else "abort"
+        k.success[reason] = k.success.get(reason, 0) + 1
         if o == "ok":
-            self.success[(*key, finish_reason or "stop")] += 1
-            self._h("e2e", REQUEST_LATENCY_BUCKETS, key).observe(req.end - req.arrival)
-            self._h("queue", REQUEST_LATENCY_BUCKETS, key).observe(req.start - req.arrival)
-            self._h("prompt_tokens", buckets_1_2_5(self.max_len), key).observe(req.prompt)
-            self._h("generation_tokens", buckets_1_2_5(self.max_len), key).observe(req.generated)
+            e2e.observe(req.end - req.arrival)
+            queue.observe(req.start - req.arrival)
+            ptok.observe(req.prompt)
+            gtok.observe(req.generated)
             if req.generated > 1:
-                self._h("tpot", TPOT_BUCKETS, key).observe((req.last_token - req.first_token) / (req.generated - 1))
-                if times is not None and len(times) > 1:
-                    self._h("itl", TPOT_BUCKETS, key).observe_many(np.diff(np.asarray(times, dtype=float)))
-        else:
-            self.success[(*key, "abort")] += 1
+                tpot.observe((req.last_token - req.first_token) / (req.generated - 1))
+                if times is not None:
+                    itl.observe_gaps(times)
 
     # ---------------------------------------------------------------- prometheus_client collector
     def collect(self):
@@ -168,18 +192,20 @@ class VllmMetrics:
             for d in infos:
                 g.add_metric(list(d.values()), 1)
             yield g
-        for name, doc, data in (("vllm:prompt_tokens", "Number of prefill tokens processed.", self.prompt),
-                                ("vllm:generation_tokens", "Number of generation tokens processed.", self.generation),
+        keys = sorted(self.keys.items())
+        for name, doc, attr in (("vllm:prompt_tokens", "Number of prefill tokens processed.", "prompt"),
+                                ("vllm:generation_tokens", "Number of generation tokens processed.", "generation"),
                                 ("vllm:num_preemptions", "Cumulative number of preemption from the engine.",
-                                 self.preemptions)):
+                                 "preemptions")):
             c = CounterMetricFamily(name, doc, labels=LABELS)
-            for k, v in sorted(data.items()):
-                c.add_metric(list(k), v)
+            for key, k in keys:
+                c.add_metric(list(key), getattr(k, attr))
             yield c
         c = CounterMetricFamily("vllm:request_success", "Count of successfully processed requests.",
                                 labels=LABELS + ["finished_reason"])
-        for k, v in sorted(self.success.items()):
-            c.add_metric(list(k), v)
+        for key, k in keys:
+            for reason, n in sorted(k.success.items()):
+                c.add_metric([*key, reason], n)
         yield c
         for short, name, doc in (
                 ("ttft", "vllm:time_to_first_token_seconds", "Histogram of time to first token in seconds."),
@@ -190,7 +216,8 @@ class VllmMetrics:
                 ("prompt_tokens", "vllm:request_prompt_tokens", "Number of prefill tokens processed."),
                 ("generation_tokens", "vllm:request_generation_tokens", "Number of generation tokens processed.")):
             h = HistogramMetricFamily(name, doc, labels=LABELS)
-            for (n, model, eng), hist in sorted(self.hists.items(), key=lambda kv: kv[0][1:]):
-                if n == short:
-                    h.add_metric([model, eng], hist.buckets(), hist.sum)
+            i = _Key.NAMES.index(short)
+            for key, k in keys:
+                hist = k.hists[i]
+                h.add_metric(list(key), hist.buckets(), hist.sum)
             yield h

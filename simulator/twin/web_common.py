@@ -59,7 +59,8 @@ async def read_json(request) -> dict:
     reading, tr = request.app[READING], request.transport
     reading.add(tr)  # evictable like an idle connection while its body trickles in (server.guard_connections)
     try:  # aiohttp raises 413 past client_max_size; a body sent too slowly (or never) is a 408
-        raw = await asyncio.wait_for(request.read(), limit)
+        # (a body already here, the usual case, skips the timer task: a tenth of the request's cost)
+        raw = await (request.read() if request.content.is_eof() else asyncio.wait_for(request.read(), limit))
     except asyncio.TimeoutError:
         raise HTTPProblem(408, f"request body not received within {limit:g} s", "request_timeout",
                           headers={"Connection": "close"}) from None
