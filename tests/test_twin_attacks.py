@@ -16,7 +16,8 @@ import time
 import httpx
 import pytest
 
-from simulator.twin.usage import KILLED, UsageStore
+from simulator.twin import usage as usage_mod
+from simulator.twin.usage import KILLED, UsageStore, UsageUnavailable
 from test_twin import scenario
 from twin_proc import serve
 
@@ -310,7 +311,7 @@ def test_requests_in_flight_at_sigkill_are_closed_out_on_restart(tmp_path):
 
 
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
-def test_usage_writer_failures_show_and_a_dead_writer_restarts(tmp_path):
+def test_usage_writer_failures_show_and_a_dead_writer_restarts(tmp_path, monkeypatch):
     """The store itself (its thread, a real SQLite file): a write that raises is counted and named
     while the writer goes on; a writer killed outright is restarted by the next write or health
     check, with the reason kept, and answers reads again."""
@@ -327,13 +328,11 @@ def test_usage_writer_failures_show_and_a_dead_writer_restarts(tmp_path):
 
         def die(conn):
             raise SystemExit("killed")  # not an Exception: the writer's per-item guard lets it through
-        loop = asyncio.new_event_loop()
-        fut = loop.create_future()
-        store._put((die, (loop, fut)))
-        until(lambda: not store.thread.is_alive(), "the writer to die", 5.0)
-        h = store.health()  # notices, restarts
+        monkeypatch.setattr(usage_mod, "READ_TIMEOUT_S", 1.0)
+        with pytest.raises(UsageUnavailable):  # the dead writer never answers: the read gives up, bounded
+            asyncio.run(read(die))
+        h = store.health()  # notices (if the next write has not already), restarts
         assert h["usage_writer"] == "running" and h["usage_writer_restarts"] == 1 and "SystemExit" in h["usage_error"]
-        loop.close()
         assert asyncio.run(read(lambda c: c.execute("SELECT 42").fetchone()[0])) == 42
     finally:
         store.close()

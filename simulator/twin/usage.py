@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 log = logging.getLogger("servesim.twin")
+READ_TIMEOUT_S = 10.0
 KILLED = "server stopped before the request finished (closed out at the next start)"
 
 SCHEMA = """
@@ -49,6 +50,10 @@ ON CONFLICT(scope, key, model) DO UPDATE SET
 """
 
 TOTALS = ("requests", "completed", "rejected", "failed", "prompt_tokens", "output_tokens", "cost")
+
+
+class UsageUnavailable(RuntimeError):
+    """A read the store could not answer in time (the server answers 503)."""
 
 
 def status_of(req) -> str:
@@ -161,7 +166,11 @@ class UsageStore:
         loop = asyncio.get_running_loop()
         fut = loop.create_future()
         self._put((fn, (loop, fut)))
-        return await fut
+        try:  # a writer that died holding this read never answers it: give up rather than hang the caller
+            return await asyncio.wait_for(fut, READ_TIMEOUT_S)
+        except asyncio.TimeoutError:
+            raise UsageUnavailable(f"usage store did not answer within {READ_TIMEOUT_S:g} s"
+                                   f" ({self.error or 'writer busy'})") from None
 
     def _run(self, conn: sqlite3.Connection) -> None:
         try:

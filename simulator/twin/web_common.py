@@ -13,6 +13,7 @@ from .bodies import bad
 from .dialects import Encoder, OllamaChat
 from .service import Twin
 from .tenancy import HTTPProblem
+from .usage import UsageUnavailable
 
 MAX_BODY = 1 << 20  # bytes; larger bodies get 413
 BODY_TIMEOUT_S = 10.0  # a request's body must arrive within this after its headers
@@ -49,6 +50,8 @@ async def errors(request, handler):
         return problem_response(request, HTTPProblem(e.status, msg, _TYPES.get(e.status, "error")))
     except (asyncio.CancelledError, ConnectionError):
         raise
+    except UsageUnavailable as exc:
+        return problem_response(request, HTTPProblem(503, str(exc), "unavailable"))
     except Exception as exc:  # noqa: BLE001 - a bug: a JSON 500 (logged), and the server goes on
         log.exception("%s %s failed", request.method, request.path)
         return problem_response(request, HTTPProblem(500, f"internal error: {type(exc).__name__}", "server_error"))
