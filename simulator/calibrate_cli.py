@@ -169,9 +169,10 @@ def fit_table(model: CostModel, fit_meta: dict) -> tuple[Table, Table]:
 @friendly
 def calibrate_cmd(steps: Path = typer.Argument(..., help="CSV of observed steps: prefill_tokens, prefill_attn, "
                                                          "n_decode, decode_ctx, time_s [, weight]"),
-                  name: str = typer.Option(..., "--name", help="profile name (use it as engine.profile)"),
-                  out: Optional[Path] = typer.Option(None, "--out", help="profile YAML to write "
-                                                     "(default simulator/profiles/NAME.yaml)"),
+                  name: Optional[str] = typer.Option(None, "--name", help="profile name (default: the CSV's file "
+                                                     "name without .csv)"),
+                  out: Optional[Path] = typer.Option(None, "--out", help="profile YAML to write (default ./NAME.yaml "
+                                                     "in the current folder; use the path as engine.profile)"),
                   engine: str = typer.Option("calibrated from observed steps", "--engine", help="engine description"),
                   gpu: Optional[str] = typer.Option(None, "--gpu", help="GPU name, e.g. H100-80GB"),
                   tp: Optional[int] = typer.Option(None, "--tp", min=1, help="tensor-parallel degree"),
@@ -183,9 +184,13 @@ def calibrate_cmd(steps: Path = typer.Argument(..., help="CSV of observed steps:
                                                           "(repeatable), for terms the steps do not exercise"),
                   force: bool = typer.Option(False, "--force", help="overwrite an existing profile file")):
     """Fit a cost-model profile from observed engine steps; write it and print the fit."""
+    if name is None:
+        name = re.sub(r"[^A-Za-z0-9._-]+", "-", Path(steps).stem).strip("-._") or "calibrated"
+        if not name[0].isalnum():
+            name = "p" + name
     if not _NAME.fullmatch(name):
         raise InputError("--name", name, "use letters, digits, '.', '_' and '-' (it becomes a file name)")
-    path = out or PROFILE_DIR / f"{name}.yaml"
+    path = out or Path(f"{name}.yaml")  # never into the installed package unless --out says so
     if path.exists() and not force:
         raise InputError(path, "--out", "exists; pass --force to overwrite or choose another --out")
     text, written, fit_meta = calibrate(steps, name, engine, gpu, tp, model, kv_bytes_per_token, weight_bytes,

@@ -28,7 +28,11 @@ def friendly(fn):
 
 
 def default_out(name: str) -> Path:
-    return Path("reports") / name
+    """reports/<name>; the scenario schema refuses names with separators or '..', and this checks again."""
+    out = Path("reports") / name
+    if out.parent != Path("reports") or name in ("", ".", ".."):
+        raise InputError(name, "name", "not a plain name: the default report folder would be outside reports/")
+    return out
 
 
 def check_out_dir(out: Path) -> None:
@@ -49,12 +53,15 @@ def run(scenario: Path = typer.Argument(..., help="scenario YAML"),
         seed: Optional[int] = typer.Option(None, "--seed", help="override the scenario's seed"),
         set_: Optional[List[str]] = typer.Option(None, "--set", help="override a field: path=value (YAML value)"),
         no_plots: bool = typer.Option(False, "--no-plots", help="skip PNG plots"),
+        fmt: str = typer.Option("csv", "--format", help="requests file: csv (requests.csv) or parquet (requests.parquet)"),
         quiet: bool = typer.Option(False, "--quiet", "-q")):
-    """Simulate SCENARIO and write requests.csv, summary.json, report.md and plots."""
+    """Simulate SCENARIO and write requests.csv (or .parquet), summary.json, report.md and plots."""
     from .report import terminal_table
     from .run import run_scenario
     from .scenario import load_scenario
     sc = load_scenario(scenario, set_, seed)
+    if fmt not in ("csv", "parquet"):
+        raise InputError(str(scenario), "--format", f"expected csv or parquet, got {fmt!r}")
     out = out or default_out(sc.name)
     check_out_dir(out)
     progress_cb, bar = None, None
@@ -67,7 +74,7 @@ def run(scenario: Path = typer.Argument(..., help="scenario YAML"),
         def progress_cb(t, n):
             bar.update(task, completed=min(t, sc.duration_s), description=f"simulating {sc.name}: {n} done")
     try:
-        summary, _ = run_scenario(sc, out, plots=not no_plots, progress=progress_cb)
+        summary, _ = run_scenario(sc, out, plots=not no_plots, progress=progress_cb, fmt=fmt)
     finally:
         if bar is not None:
             bar.stop()
@@ -82,11 +89,10 @@ def validate(scenario: Path = typer.Argument(...),
              set_: Optional[List[str]] = typer.Option(None, "--set")):
     """Check a scenario without running it."""
     from .scenario import load_scenario
-    from .workload import build_stream
-    sc = load_scenario(scenario, set_)
-    stream, closed = build_stream(sc)  # reads traces and length files too
-    from .costmodel import scenario_profile
-    scenario_profile(sc, sc.engine.profile, "engine.profile")
+    from .world import World
+    sc = load_scenario(scenario, set_)  # schema, limits, data files and profiles: the checks `sim run` makes
+    world = World(sc)  # the request stream, engines and model pool, built as `sim run` builds them (not run)
+    stream, closed = world.stream, world.closed
     print(f"ok: {scenario}: {sc.name}, {len(sc.workload.classes)} class(es), {len(stream)} open-loop requests"
           + (f", {len(closed)} closed-loop class(es)" if closed else ""))
 
@@ -102,15 +108,19 @@ def profiles():
         fits = {r["profile"]: r for r in fit_report()}
     except ImportError:
         fits = {}
-    t = Table(title="cost-model profiles")
-    for col in ("profile", "model", "gpu", "source", "points", "MAPE %", "max %"):
-        t.add_column(col)
+    from rich import box
+    t = Table(title="cost-model profiles (fit error vs their source data)", box=box.SIMPLE_HEAD, padding=(0, 1, 0, 0),
+              pad_edge=False)
+    t.add_column("profile", no_wrap=True)  # the whole name: it is what engine.profile takes
+    t.add_column("gpu", no_wrap=True)
+    for col in ("points", "MAPE %", "max %"):
+        t.add_column(col, justify="right", no_wrap=True)
     for name in list_profiles():
         m = load_profile(name).meta
         f = fits.get(name, {})
-        t.add_row(name, str((m.get("model") or {}).get("name", "")), str((m.get("gpu") or {}).get("name", "")),
-                  str((m.get("source") or {}).get("dataset", "")), str(f.get("points", "")),
-                  f"{f['mape_pct']:.2f}" if "mape_pct" in f else "", f"{f['max_abs_pct']:.2f}" if "max_abs_pct" in f else "")
+        t.add_row(name, str((m.get("gpu") or {}).get("name", "")), 
+                  str(f.get("points", "")), f"{f['mape_pct']:.1f}" if "mape_pct" in f else "",
+                  f"{f['max_abs_pct']:.1f}" if "max_abs_pct" in f else "")
     Console().print(t)
 
 
@@ -125,10 +135,14 @@ def sweep(scenario: Path = typer.Argument(..., help="scenario YAML"),
           set_: Optional[List[str]] = typer.Option(None, "--set", help="override a field at every point: path=value"),
           jobs: int = typer.Option(1, "--jobs", "-j", min=1, help="points simulated at once (processes)"),
           plots: bool = typer.Option(False, "--plots", help="also draw each point's PNG plots"),
+          executor: str = typer.Option("process", "--executor", help="process (local, --jobs at once) or ray "
+                                                                       "(each point a Ray task)"),
+          address: Optional[str] = typer.Option(None, "--address", help="Ray cluster to join (default: start a "
+                                                                          "local one with --jobs CPUs)"),
           quiet: bool = typer.Option(False, "--quiet", "-q")):
-    """Run SCENARIO at every point of a grid of overrides; write sweep.csv, sweep.md and one report per point."""
+    """Run SCENARIO at every point of a grid of overrides; write sweep.csv, sweep.md, pareto.png and one report per point."""
     from .scenario import load_scenario
-    from .sweep import sweep as run_sweep
+    from .sweep import sweep as run_sweep, terminal_table as sweep_table
     sc = load_scenario(scenario, set_, seed)
     out = out or default_out(f"sweep_{sc.name}")
     check_out_dir(out)
@@ -136,24 +150,15 @@ def sweep(scenario: Path = typer.Argument(..., help="scenario YAML"),
     def progress(k, n):
         if not quiet:
             console.print(f"point {k}/{n} done")
-    axes, rows = run_sweep(scenario, grid or [], out, set_, seed, jobs, plots, progress)
+    axes, rows = run_sweep(scenario, grid or [], out, set_, seed, jobs, plots, progress, executor, address)
     if not quiet:
-        from rich.table import Table
-        t = Table(title=f"sweep of {sc.name} (overall; ms)")
-        for col in (*axes, "ok/gen", "rejected", "TTFT p95", "TPOT p95", "E2E p95", "goodput/s"):
-            t.add_column(col, justify="right")
-        for r in rows:
-            if r["scope"] == "overall":
-                t.add_row(*(str(r[a]) for a in axes), f"{r['ok']}/{r['generated']}", str(r["rejected"]),
-                          *(("–" if r[m] is None else f"{r[m] * 1000:.1f}") for m in ("ttft_p95_s", "tpot_p95_s", "e2e_p95_s")),
-                          str(r["goodput_per_s"]))
-        Console().print(t)
+        sweep_table(sc.name, axes, rows, Console())
     print(f"sweep: {out}/sweep.md")
 
 
 def _register_optional():
-    """Commands whose modules land separately (compare, serve, calibrate)."""
-    for mod in ("compare_cli", "serve_cli", "calibrate_cli"):
+    """Commands whose modules land separately (compare, serve, calibrate, capacity, replay)."""
+    for mod in ("compare_cli", "serve_cli", "calibrate_cli", "capacity_cli", "replay_cli"):
         try:
             __import__(f"simulator.{mod}")
         except ImportError as exc:
@@ -164,4 +169,5 @@ def _register_optional():
 _register_optional()
 
 if __name__ == "__main__":  # pragma: no cover
-    app()
+    from simulator.cli import app as _app  # under -m this file is __main__; the optional commands joined simulator.cli's app
+    _app()

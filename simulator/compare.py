@@ -28,7 +28,6 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
 from .errors import InputError
@@ -71,6 +70,8 @@ def load_run(folder: str | Path, label: str | None = None) -> Run:
     if not folder.is_dir():
         raise InputError(str(folder), "", "report folder not found" if not folder.exists() else "not a folder")
     csv_path, js_path = folder / "requests.csv", folder / "summary.json"
+    if (folder / "requests.parquet").is_file() and not csv_path.is_file():
+        csv_path = folder / "requests.parquet"  # sim run --format parquet
     for p in (csv_path, js_path):
         if not p.is_file():
             raise InputError(str(p), "", "file not found (expected a report folder from sim run, stress run or sim serve)")
@@ -86,7 +87,11 @@ def load_run(folder: str | Path, label: str | None = None) -> Run:
     for key in ("duration_s",):
         if not isinstance(summary["window"].get(key), (int, float)):
             raise InputError(str(js_path), f"window.{key}", "missing or not a number")
-    df = read_csv(csv_path)
+    if csv_path.suffix == ".parquet":
+        from .loader import read_parquet
+        df = read_parquet(csv_path)
+    else:
+        df = read_csv(csv_path)
     warm = summary["window"].get("warmup_s") or 0.0
     if warm > 0:
         df = df[df["arrival_s"] >= warm]
@@ -101,7 +106,7 @@ def _num(x):
     return None if math.isnan(x) or math.isinf(x) else x
 
 
-def _values(run: Run, scope: str) -> dict[str, float | None]:
+def _values(run: Run, scope: str, stats: tuple = STATS) -> dict[str, float | None]:
     """metric key ('ttft.p95', 'throughput.requests_per_s', 'outcomes.ok') -> value for one scope."""
     s = run.summary
     out: dict[str, float | None] = {}
@@ -116,7 +121,7 @@ def _values(run: Run, scope: str) -> dict[str, float | None]:
         if m == "itl" and scope != OVERALL:
             continue  # pooled ITL is a run-wide figure only
         d = lat.get(m) or {}
-        for st in STATS:
+        for st in stats:
             out[f"{m}.{st}"] = _num(d.get(st))
     for k in THROUGHPUT:
         out[f"throughput.{k}"] = tp.get(k)
@@ -402,26 +407,8 @@ def markdown(cmp: Comparison, plots: list[str]) -> str:
 
 
 def write_plots(cmp: Comparison, out: Path) -> list[str]:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    names = []
-    for m in CDF_METRICS:
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for run, style in ((cmp.a, "-"), (cmp.b, "--")):
-            ok = run.df[run.df["outcome"] == "ok"]
-            x = np.sort(ok[f"{m}_s"].dropna().to_numpy(dtype=float) * 1000)
-            if x.size:
-                ax.plot(x, np.arange(1, x.size + 1) / x.size, style, label=f"{run.label} (n={x.size})")
-        ax.set(xlabel=f"{m.upper()} (ms)", ylabel="CDF", title=f"{m.upper()} CDF: {cmp.a.label} vs {cmp.b.label}")
-        if ax.lines:
-            ax.legend(fontsize=8)
-        fig.tight_layout()
-        name = f"cdf_{m}.png"
-        fig.savefig(out / name, dpi=90)
-        plt.close(fig)
-        names.append(name)
-    return names
+    from .compare_plots import cdf_plots
+    return cdf_plots(cmp, out)
 
 
 def write(cmp: Comparison, out: str | Path, plots: bool = True) -> Path:

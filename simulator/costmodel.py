@@ -15,11 +15,11 @@ matrix-multiply throughput. All coefficients are seconds.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, asdict
 from pathlib import Path
 
 import numpy as np
-import yaml
 
 PROFILE_DIR = Path(__file__).parent / "profiles"
 COEFFICIENTS = ("overhead_s", "prefill_overhead_s", "weights_s", "linear_per_token_s", "prefill_attn_s", "decode_ctx_s", "decode_seq_s")
@@ -73,37 +73,78 @@ class CostModel:
         return {"meta": meta, **d}
 
 
+def _number(v, path, field, integer=False):
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        from .errors import InputError
+        raise InputError(path, field, f"not a number: {v!r}")
+    if not math.isfinite(v) or v < 0:
+        from .errors import InputError
+        raise InputError(path, field, f"must be a finite number >= 0, got {v!r}")
+    if integer and v != int(v):
+        from .errors import InputError
+        raise InputError(path, field, f"must be a whole number, got {v!r}")
+    return v
+
+
 def load_profile(name_or_path: str) -> CostModel:
-    """A profile by name (simulator/profiles/NAME.yaml) or by path."""
+    """A profile by name (simulator/profiles/NAME.yaml) or by path; every value checked (one-line errors)."""
+    from .errors import InputError
+    from .safeio import load_yaml_file
     path = Path(name_or_path)
     if not path.suffix:
         path = PROFILE_DIR / f"{name_or_path}.yaml"
-    from .errors import InputError
     if not path.exists():
         known = ", ".join(sorted(p.stem for p in PROFILE_DIR.glob("*.yaml")))
         raise InputError(str(path), "engine.profile", f"no such profile (known: {known})")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise InputError(str(path), "", f"not valid YAML: {str(exc).splitlines()[0]}") from None
+    raw = load_yaml_file(path, "" if path.is_file() else "engine.profile")
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise InputError(str(path), "", f"expected a mapping at top level, got {type(raw).__name__}")
     coeffs = raw.get("coefficients", {})
+    if coeffs is None:
+        coeffs = {}
+    if not isinstance(coeffs, dict):
+        raise InputError(str(path), "coefficients", "expected a mapping of coefficient: seconds")
     unknown = set(coeffs) - set(COEFFICIENTS)
     if unknown:
-        raise InputError(str(path), "coefficients", f"unknown coefficient(s) {sorted(unknown)}")
-    kw = {k: float(v) for k, v in coeffs.items()}
+        raise InputError(str(path), "coefficients", f"unknown coefficient(s) {sorted(map(str, unknown))}")
+    kw = {k: float(_number(v, str(path), f"coefficients.{k}")) for k, v in coeffs.items()}
+    model = raw.get("model", {})
+    if model is None:
+        model = {}
+    if not isinstance(model, dict):
+        raise InputError(str(path), "model", "expected a mapping")
     for k in ("kv_bytes_per_token", "weight_bytes"):
-        if k in raw.get("model", {}):
-            kw[k] = int(raw["model"][k])
-    return CostModel(**kw, meta={k: v for k, v in raw.items() if k != "coefficients"})
+        if k in model:
+            v = _number(model[k], str(path), f"model.{k}", integer=True)
+            if v > 1e15:
+                raise InputError(str(path), f"model.{k}", f"{v:g} bytes is not a model size")
+            kw[k] = int(v)
+    if kw.get("kv_bytes_per_token", 1) < 1:
+        raise InputError(str(path), "model.kv_bytes_per_token", "must be >= 1")
+    tp = raw.get("tp")
+    if tp is not None and (isinstance(tp, bool) or not isinstance(tp, int) or not 1 <= tp <= 4096):
+        raise InputError(str(path), "tp", f"tensor-parallel degree must be a whole number from 1 to 4096, got {tp!r}")
+    cm = CostModel(**kw, meta={k: v for k, v in raw.items() if k != "coefficients"})
+    if not (cm.step_time(1, 1, 0, 0) > 0 and cm.step_time(0, 0, 1, 0) > 0):
+        raise InputError(str(path), "coefficients", "a step of one prompt token or one decode takes no time "
+                                                    "(all of overhead_s, weights_s, linear_per_token_s and the "
+                                                    "per-token terms are 0)")
+    return cm
 
 
 def scenario_profile(sc, name: str, field: str) -> CostModel:
     """A profile named by a scenario; a bad name is the scenario file's error, not the profile folder's."""
     from .errors import InputError
+    src = getattr(sc, "_source", "<scenario>")
     try:
         return load_profile(name)
     except InputError as exc:
-        raise InputError(getattr(sc, "_source", "<scenario>"), field, f"{exc.reason}: {name!r}") from None
+        if exc.field == "engine.profile":  # no such profile: the scenario's field is what is wrong
+            raise InputError(src, field, f"{exc.reason}: {name!r}") from None
+        # the profile file itself is bad: name it and the field in it, and which scenario field pointed there
+        raise InputError(exc.file, exc.field, f"{exc.reason} ({field} of {src})") from None
 
 
 def list_profiles() -> list[str]:

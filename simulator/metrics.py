@@ -117,7 +117,20 @@ def summarize(df: pd.DataFrame, scenario, itl=None, series=None, source: str = "
             **{m.removesuffix("_s"): dist(gok[m]) for m in LATENCIES},
         }
 
+    # TTFT of a non-streamed response is its whole response time: never pooled with streamed first tokens
+    by_stream = {}
+    for key, flag in (("streamed", 1), ("non_streamed", 0)):
+        g = ok[ok["stream"] == flag]
+        if (df["stream"] == flag).any():
+            by_stream[key] = {"classes": sorted(str(c) for c in df.loc[df["stream"] == flag, "class_name"].unique()),
+                              **{m.removesuffix("_s"): dist(g[m]) for m in LATENCIES}}
+
     good = ok[slo_mask(ok, scenario.slo)] if len(ok) else ok
+    # a stress run cut short by --max-duration never sent the rest: they were not offered, so they are neither
+    # met nor missed (an interrupted run's unsent requests still count as misses)
+    errors = df["error"] if "error" in df else pd.Series("", index=df.index)
+    cut = df["outcome"].eq("not_sent") & errors.fillna("").astype(str).str.startswith("--max-duration")
+    offered = int(len(df) - cut.sum())
     slo_defined = any(getattr(scenario.slo, k) is not None for k in ("ttft_s", "tpot_s", "e2e_s"))
 
     # fairness: x = 1 / mean queue wait per class, or 1 / mean TTFT where the wait is unobservable
@@ -148,11 +161,13 @@ def summarize(df: pd.DataFrame, scenario, itl=None, series=None, source: str = "
         "outcomes_by_class_priority": counts(df.assign(cp=df["class_name"] + "/p" + df["priority"].astype(str)), "cp"),
         "latency": lat,
         "latency_by_class": by_class,
+        "latency_by_stream": by_stream,
         "throughput": {"requests_per_s": _r(len(ok) / span), "output_tokens_per_s": _r(ok["output_tokens"].sum() / span),
                        "prompt_tokens_per_s": _r(ok["prompt_tokens"].sum() / span)},
         "goodput": {"slo": {k: getattr(scenario.slo, k) for k in ("ttft_s", "tpot_s", "e2e_s")},
                     "requests_per_s": _r(len(good) / span) if slo_defined else _r(len(ok) / span),
-                    "met": int(len(good)), "slo_attainment": _r(len(good) / len(df)) if len(df) else None},
+                    "met": int(len(good)), "slo_attainment": _r(len(good) / offered) if offered else None,
+                    "denominator": offered, **({"excluded_not_sent_max_duration": int(cut.sum())} if cut.any() else {})},
         "batch_size": {**dist(bs), "histogram": {str(int(k)): int(v) for k, v in bs.value_counts().sort_index().items()}},
         "fairness": {"basis": wait_col.removesuffix("_s"), "per_class_mean": {k: _r(v) for k, v in per_class_mean.items()},
                      "jain": jain([1.0 / max(v, 1e-6) for v in per_class_mean.values()])},

@@ -18,15 +18,20 @@ def engine_summary(result) -> dict:
     return out
 
 
-def run_scenario(sc, out: Path, plots: bool = True, progress=None) -> tuple[dict, object]:
+def run_scenario(sc, out: Path, plots: bool = True, progress=None, fmt: str = "csv") -> tuple[dict, object]:
     result = simulate(sc, progress)
-    extra = {"engine": engine_summary(result)}
+    return write_result(result, out, plots, fmt=fmt), result
+
+
+def write_result(result, out: Path, plots: bool = True, more: dict | None = None, fmt: str = "csv") -> dict:
+    """A simulation's report folder; `more` adds sections to summary.json."""
+    sc = result.scenario
+    extra = {"engine": engine_summary(result), **(more or {})}
     if getattr(result, "pool", None) is not None:
         extra["model_pool"] = result.pool
     for st in result.engine_stats:
         for key in ("kv_cache", "prefix_cache"):
             if key in st:
                 extra.setdefault(key, []).append(st[key])
-    summary = write_report(Path(out), sc, result.rows,
-                           lambda df: summarize(df, sc, result.itl, result.series, "sim", extra), plots)
-    return summary, result
+    return write_report(Path(out), sc, result.rows,
+                        lambda df: summarize(df, sc, result.itl, result.series, "sim", extra), plots, fmt=fmt)

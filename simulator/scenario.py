@@ -6,12 +6,15 @@ errors into one line naming the file, the field path and the reason.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, Literal, Optional, Union
+from typing import Annotated, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import InputError
+from .limits import Limits, check_limits
+from .safeio import check_tree, load_yaml_file
+from .scenario_io import _check_files, _first_error, parse_overrides, resolve_path, set_path  # noqa: F401 (re-exported)
 
 PosFloat = Annotated[float, Field(gt=0)]
 NonNegFloat = Annotated[float, Field(ge=0)]
@@ -21,7 +24,16 @@ TIER_PRIORITY = {"high": 0, "standard": 1, "batch": 2}
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # .inf / .nan are never a valid setting
+
+
+def _unique(items, key: str, what: str) -> None:
+    seen = set()
+    for i, x in enumerate(items):
+        v = getattr(x, key)
+        if v in seen:
+            raise ValueError(f"{what}[{i}].{key}: duplicate {key} {v!r} (ids must be unique)")
+        seen.add(v)
 
 
 # ---------------------------------------------------------------- tenants
@@ -56,6 +68,9 @@ class Tenants(Strict):
 
     @model_validator(mode="after")
     def _refs(self):
+        _unique(self.users, "id", "users")
+        _unique(self.projects, "id", "projects")
+        _unique(self.models, "name", "models")
         projects = {p.id for p in self.projects}
         for i, u in enumerate(self.users):
             if u.project not in projects:
@@ -77,7 +92,7 @@ class Constant(Strict):
 class Gamma(Strict):
     type: Literal["gamma"]
     rate: PosFloat
-    cv: PosFloat = 1.0  # vLLM's burstiness = 1 / cv²
+    cv: Annotated[float, Field(ge=1e-3, le=1e3)] = 1.0  # vLLM's burstiness = 1 / cv² (gamma shape must stay finite)
 
 
 class OnOff(Strict):
@@ -143,9 +158,15 @@ class Uniform(Strict):
 class LogNormal(Strict):
     type: Literal["lognormal"]
     mean: PosFloat  # mean of the distribution in tokens
-    sigma: PosFloat = 0.8  # sigma of the underlying normal
+    sigma: Annotated[float, Field(gt=0, le=10)] = 0.8  # sigma of the underlying normal
     min: PosInt = 1
     max: PosInt = 32768
+
+    @model_validator(mode="after")
+    def _order(self):
+        if self.min > self.max:
+            raise ValueError(f"min: {self.min} is above max ({self.max})")
+        return self
 
 
 class Exponential(Strict):
@@ -187,6 +208,14 @@ class PrefixGroups(Strict):
     tokens: PosInt  # shared prefix length
     share: Annotated[float, Field(ge=0, le=1)] = 1.0  # fraction of requests that carry one
     block_tokens: PosInt = 64  # granularity of the prefix hashes
+
+    @model_validator(mode="after")
+    def _ids(self):
+        # block ids are class base + group * 100,000 + block: more blocks would make two groups' prefixes collide
+        if self.tokens // self.block_tokens > 100_000:
+            raise ValueError(f"tokens: {self.tokens // self.block_tokens:,} blocks of {self.block_tokens} tokens in one "
+                             "prefix; at most 100,000 (ids of neighbouring groups would collide)")
+        return self
 
 
 class TrafficClass(Strict):
@@ -302,6 +331,11 @@ class Cluster(Strict):
     model_pool: list[ModelPoolEntry] = Field(default_factory=list)
     gpus: Optional[PosInt] = None  # model pool: GPUs available (one replica per GPU)
 
+    @model_validator(mode="after")
+    def _pool(self):
+        _unique(self.model_pool, "model", "model_pool")
+        return self
+
 
 class SLO(Strict):
     ttft_s: Optional[PosFloat] = None
@@ -325,6 +359,20 @@ class Scenario(Strict):
     engine: Engine = Field(default_factory=Engine)
     cluster: Cluster = Field(default_factory=Cluster)
     slo: SLO = Field(default_factory=SLO)
+    limits: Limits = Field(default_factory=Limits)  # caps on a run's size (simulator/limits.py)
+
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, v: str) -> str:
+        # the default report folder is reports/<name>: a name must never lead outside it
+        if not v.strip() or v != v.strip():
+            raise ValueError("must be a non-empty name without leading or trailing spaces")
+        if any(ch in v for ch in "/\\:") or ".." in v or any(ord(ch) < 32 or ord(ch) == 127 for ch in v):
+            raise ValueError(f"{v!r} is not a plain name (no '/', '\\', ':', '..' or control characters): "
+                             "it names the report folder reports/<name>")
+        if len(v) > 200:
+            raise ValueError(f"a name of {len(v)} characters; at most 200")
+        return v
 
     @model_validator(mode="after")
     def _stop_and_refs(self):
@@ -367,81 +415,11 @@ Project.model_rebuild()
 
 
 # ---------------------------------------------------------------- loading
-def _loc(loc: tuple) -> str:
-    out = ""
-    for part in loc:
-        if isinstance(part, int):
-            out += f"[{part}]"
-        elif part in ("poisson", "constant", "gamma", "onoff", "piecewise", "closed_loop", "trace",
-                      "fixed", "uniform", "lognormal", "exponential", "empirical") and out.endswith(("arrival", "tokens")):
-            continue  # pydantic's union tag adds nothing for the reader
-        else:
-            out += f".{part}" if out else str(part)
-    return out
-
-
-def _first_error(exc: ValidationError) -> tuple[str, str]:
-    err = exc.errors()[0]
-    msg = err["msg"].removeprefix("Value error, ")
-    field = _loc(err["loc"])
-    if err["type"] == "value_error" and ": " in msg:
-        head, rest = msg.split(": ", 1)
-        if " " not in head:  # validators name the offending path relative to their model
-            field, msg = (f"{field}.{head}" if field else head), rest
-    elif err["type"] == "extra_forbidden":
-        msg = "unknown key"
-    elif err["type"] == "union_tag_invalid" and isinstance(err.get("input"), dict):
-        msg = f"unknown type {err['input'].get('type')!r} (expected one of {err['ctx']['expected_tags']})"
-    extra = len(exc.errors()) - 1
-    return field, msg + (f" (+{extra} more error{'s' if extra > 1 else ''})" if extra else "")
-
-
-def set_path(data: dict, path: str, value: Any) -> None:
-    """Apply one --set a.b[0].c=value override (value parsed as YAML)."""
-    parts: list[Any] = []
-    for seg in path.split("."):
-        while "[" in seg:
-            name, rest = seg.split("[", 1)
-            if name:
-                parts.append(name)
-            idx, seg = rest.split("]", 1)
-            parts.append(int(idx))
-        if seg:
-            parts.append(seg)
-    cur: Any = data
-    for p in parts[:-1]:
-        if isinstance(p, int):
-            cur = cur[p]
-        else:
-            cur = cur.setdefault(p, {})
-    cur[parts[-1]] = value
-
-
-def parse_overrides(items: list[str] | None, file: str) -> list[tuple[str, Any]]:
-    out = []
-    for item in items or []:
-        if "=" not in item:
-            raise InputError(file, f"--set {item}", "expected path=value")
-        k, v = item.split("=", 1)
-        if not k.strip():
-            raise InputError(file, f"--set {item}", "empty path before '='")
-        try:
-            out.append((k.strip(), yaml.safe_load(v)))
-        except yaml.YAMLError as exc:
-            raise InputError(file, k.strip(), f"--set value is not valid YAML: {getattr(exc, 'problem', exc)}") from None
-    return out
-
-
 def load_scenario(path: str | Path, overrides: list[str] | None = None, seed: int | None = None) -> Scenario:
+    """Parse, override, validate and check a scenario against its limits and data files: the one check
+    that `sim validate`, `sim run`, `sim sweep`, `sim serve` and `stress run` share."""
     path = Path(path)
-    if not path.exists():
-        raise InputError(str(path), "", "file not found")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"line {mark.line + 1}" if mark else ""
-        raise InputError(str(path), where, f"not valid YAML: {getattr(exc, 'problem', exc)}") from None
+    data = load_yaml_file(path)
     if not isinstance(data, dict):
         raise InputError(str(path), "", "expected a mapping at top level")
     for k, v in parse_overrides(overrides, str(path)):
@@ -453,8 +431,11 @@ def load_scenario(path: str | Path, overrides: list[str] | None = None, seed: in
             raise InputError(str(path), k, "--set path is malformed (list indices are written [0])") from None
     if seed is not None:
         data["seed"] = seed
+    if overrides:
+        check_tree(data, str(path))
     sc = scenario_from_dict(data, str(path))
     _check_files(sc, path)
+    check_limits(sc, str(path))
     return sc
 
 
@@ -468,27 +449,7 @@ def scenario_from_dict(data: dict, file: str = "<scenario>") -> Scenario:
     return sc
 
 
-def resolve_path(p: str, base: Path) -> Path:
-    """Data paths are relative to the scenario file, then to the repo root."""
-    cand = Path(p)
-    if cand.is_absolute():
-        return cand
-    for root in (base.parent, Path.cwd(), Path(__file__).resolve().parents[1]):
-        if (root / cand).exists():
-            return root / cand
-    return base.parent / cand
-
-
-def _check_files(sc: Scenario, path: Path) -> None:
-    for i, c in enumerate(sc.workload.classes):
-        for field, spec in (("arrival", c.arrival), ("prompt_tokens", c.prompt_tokens), ("output_tokens", c.output_tokens)):
-            p = getattr(spec, "path", None)
-            if p is not None:
-                rp = resolve_path(p, path)
-                if not rp.exists():
-                    raise InputError(str(path), f"workload.classes[{i}].{field}.path", f"file not found: {p}")
-                object.__setattr__(spec, "path", str(rp))
-
-
 def dump_scenario(sc: Scenario) -> str:
-    return yaml.safe_dump(sc.model_dump(mode="json"), sort_keys=False)
+    # limits appear only when the scenario set them (a default run's scenario.yaml is as before)
+    exclude = None if "limits" in sc.model_fields_set else {"limits"}
+    return yaml.safe_dump(sc.model_dump(mode="json", exclude=exclude), sort_keys=False)

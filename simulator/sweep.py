@@ -12,12 +12,12 @@ from __future__ import annotations
 import csv
 import itertools
 import re
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import yaml
 
 from .errors import InputError
+from .executors import Executor, write_files
 
 METRICS = ("ttft", "tpot", "e2e", "queue_wait")
 STATS = ("p50", "p95", "p99")
@@ -64,16 +64,6 @@ def slug(i: int, point: dict) -> str:
     return f"{i:03d}_" + re.sub(r"[^A-Za-z0-9._-]+", "-", text)[:80]
 
 
-def _run_point(args) -> dict:
-    """One point in a worker process: load with the overrides, simulate, write its report folder."""
-    scenario, sets, seed, out, plots = args
-    from .run import run_scenario
-    from .scenario import load_scenario
-    sc = load_scenario(scenario, sets, seed)
-    summary, _ = run_scenario(sc, out, plots=plots)
-    return summary
-
-
 def check_points(scenario: Path, base_sets: list[str], seed, grid: list[dict]) -> None:
     """Every point's scenario must load before any runs: a bad value fails at once, naming its axis."""
     from .scenario import load_scenario
@@ -81,7 +71,7 @@ def check_points(scenario: Path, base_sets: list[str], seed, grid: list[dict]) -
         load_scenario(scenario, base_sets + [f"{p}={v}" for p, v in point.items()], seed)
 
 
-def rows_of(point: dict, summary: dict) -> list[dict]:
+def rows_of(point: dict, summary: dict, extra: dict | None = None) -> list[dict]:
     """The table rows of one point: overall first, then each class."""
     out = []
     scopes = [("overall", summary["latency"], summary["requests"]["outcomes"], summary["requests"]["generated"])]
@@ -98,35 +88,45 @@ def rows_of(point: dict, summary: dict) -> list[dict]:
             row.update(requests_per_s=summary["throughput"]["requests_per_s"],
                        output_tokens_per_s=summary["throughput"]["output_tokens_per_s"],
                        goodput_per_s=summary["goodput"]["requests_per_s"],
-                       slo_attainment=summary["goodput"]["slo_attainment"])
+                       slo_attainment=summary["goodput"]["slo_attainment"], **(extra or {}))
         out.append(row)
     return out
 
 
 def sweep(scenario: Path, grid_items: list[str], out: Path, base_sets: list[str] | None = None, seed=None,
-          jobs: int = 1, plots: bool = False, progress=None) -> tuple[list[str], list[dict]]:
-    """Runs every point; returns (axis paths, table rows) and writes sweep.csv and sweep.md into `out`."""
+          jobs: int = 1, plots: bool = False, progress=None, executor: str = "process",
+          address: str | None = None) -> tuple[list[str], list[dict]]:
+    """Runs every point; returns (axis paths, table rows) and writes sweep.csv and sweep.md into `out`.
+    The points run through `executor` (sequentially, `jobs` processes, or Ray tasks); the files are the same."""
     base_sets = list(base_sets or [])
     axes = parse_grid(scenario, grid_items)
     grid = points(axes)
     check_points(scenario, base_sets, seed, grid)
     out.mkdir(parents=True, exist_ok=True)
-    tasks = [(scenario, base_sets + [f"{p}={v}" for p, v in point.items()], seed, out / "points" / slug(i, point), plots)
-             for i, point in enumerate(grid)]
+    tasks = [(str(scenario), base_sets + [f"{p}={v}" for p, v in point.items()], seed, plots) for point in grid]
     rows: list[dict] = []
-    if jobs > 1:
-        with ProcessPoolExecutor(max_workers=jobs) as pool:
-            summaries = list(pool.map(_run_point, tasks))
-    else:
-        summaries = []
-        for k, t in enumerate(tasks):
-            summaries.append(_run_point(t))
+    with Executor(executor, jobs, address) as ex:
+        step = 1 if ex.kind == "process" and jobs == 1 else len(tasks)
+        results = []
+        for k in range(0, len(tasks), step):
+            results += ex.map(tasks[k:k + step])
             if progress is not None:
-                progress(k + 1, len(tasks))
-    for i, (point, summary) in enumerate(zip(grid, summaries)):
-        for r in rows_of(point, summary):
+                progress(len(results), len(tasks))
+    from .scenario import load_scenario
+    from .slo import all_met, evaluate, scenario_targets, streamed_classes
+    sc = load_scenario(scenario, base_sets, seed)
+    targets, streamed = scenario_targets(sc), streamed_classes(sc)
+    for i, (point, (summary, files)) in enumerate(zip(grid, results)):
+        write_files(out / "points" / slug(i, point), files)
+        ttft = [d["ttft"].get("p95") for c, d in summary["latency_by_class"].items() if streamed.get(c, True)]
+        ttft = [v for v in ttft if v is not None]
+        extra = {"ttft_p95_streamed_s": max(ttft) if ttft else None,
+                 "slo_feasible": all_met(evaluate(summary, targets, streamed)), "slo_ttft_s": sc.slo.ttft_s}
+        for r in rows_of(point, summary, extra):
             rows.append({"point": i, "folder": f"points/{slug(i, point)}", **r})
     write_table(out, axes, rows)
+    from .sweep_plots import pareto_plot
+    pareto_plot(out, [p for p, _ in axes], rows)
     return [p for p, _ in axes], rows
 
 
@@ -148,22 +148,45 @@ def write_table(out: Path, axes, rows: list[dict]) -> None:
 
 
 def _ms(x) -> str:
-    return "–" if x is None else f"{x * 1000:.1f}"
+    return "–" if x is None else f"{x * 1000:.0f}" if x >= 1 else f"{x * 1000:.1f}"
 
 
 def markdown(axes, rows: list[dict]) -> str:
     names = [p for p, _ in axes]
-    head = names + ["ok / generated", "rejected", "timeout", "TTFT p50", "TTFT p95", "TTFT p99", "TPOT p95",
-                    "E2E p95", "wait p95", "goodput/s", "SLO attainment"]
-    lines = ["# sim sweep", "", "Overall per point (latencies in ms; only `ok` requests enter them). Per-class rows "
-             "are in `sweep.csv`; each point's full report is in its folder.", "",
+    head = names + ["ok / generated", "rejected", "timeout", "TTFT p95 streamed", "TPOT p95", "E2E p95",
+                    "wait p95", "req/s", "goodput/s", "SLO attainment", "meets SLO"]
+    lines = ["# sim sweep", "", "Overall per point. Latencies in ms, only `ok` requests enter them; TTFT p95 is that "
+             "of the worst streamed class (a non-streamed response's TTFT is its whole response time, so classes "
+             "are not pooled). *meets SLO*: every class's p95 within the scenario's `slo` and at most 1 % shed. "
+             "Per-class rows are in `sweep.csv`; each point's full report is in its folder.", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(names) + "---:|" * (len(head) - len(names))]
     for r in rows:
         if r["scope"] != "overall":
             continue
+        att = r["slo_attainment"]
         cells = [str(r[p]) for p in names] + [
-            f"{r['ok']} / {r['generated']}", str(r["rejected"]), str(r["timeout"]), _ms(r["ttft_p50_s"]),
-            _ms(r["ttft_p95_s"]), _ms(r["ttft_p99_s"]), _ms(r["tpot_p95_s"]), _ms(r["e2e_p95_s"]),
-            _ms(r["queue_wait_p95_s"]), str(r["goodput_per_s"]), str(r["slo_attainment"])]
+            f"{r['ok']} / {r['generated']}", str(r["rejected"]), str(r["timeout"]), _ms(r.get("ttft_p95_streamed_s")),
+            _ms(r["tpot_p95_s"]), _ms(r["e2e_p95_s"]), _ms(r["queue_wait_p95_s"]), f"{r['requests_per_s']:.2f}",
+            f"{r['goodput_per_s']:.2f}", "–" if att is None else f"{att * 100:.1f} %",
+            "yes" if r.get("slo_feasible") else "no"]
         lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "![throughput vs TTFT p95](pareto.png)"]
     return "\n".join(lines) + "\n"
+
+
+def terminal_table(name: str, axes: list[str], rows: list[dict], console) -> None:
+    """The overall row of every point, in at most 80 columns, units in the headers."""
+    from rich import box
+    from rich.table import Table
+    t = Table(title=f"sweep of {name} (overall; TTFT: worst streamed class)", box=box.SIMPLE_HEAD, padding=(0, 1, 0, 0), pad_edge=False)
+    for a in axes:
+        t.add_column(a.split(".")[-1], no_wrap=True)
+    for col in ("ok/gen", "TTFT\np95 ms", "TPOT\np95 ms", "E2E\np95 s", "goodput\nreq/s", "SLO\nmet"):
+        t.add_column(col, justify="right", no_wrap=True)
+    for r in rows:
+        if r["scope"] == "overall":
+            e2e = r["e2e_p95_s"]
+            t.add_row(*(str(r[a]) for a in axes), f"{r['ok']}/{r['generated']}", _ms(r.get("ttft_p95_streamed_s")),
+                      _ms(r["tpot_p95_s"]), "–" if e2e is None else f"{e2e:.2f}", f"{r['goodput_per_s']:.2f}",
+                      "yes" if r.get("slo_feasible") else "no")
+    console.print(t)

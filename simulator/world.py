@@ -56,13 +56,14 @@ class Result:
 
 
 class World:
-    def __init__(self, sc: Scenario, progress=None):
+    def __init__(self, sc: Scenario, progress=None, stream=None):
+        """`stream`: (Stream, closed-loop sources) to use instead of the scenario's own (`sim replay`)."""
         self.sc = sc
         self.env = simpy.Environment()
         self.cost = scenario_profile(sc, sc.engine.profile, "engine.profile")
         self.gateway = Gateway(sc)
         self.router = ROUTERS[sc.cluster.router]()
-        self.stream, self.closed = build_stream(sc)
+        self.stream, self.closed = stream if stream is not None else build_stream(sc)
         self.progress = progress
         self.token_listener = None
         self.rows: list = []
@@ -204,6 +205,7 @@ class World:
         hashes = s.hashes
         make, submit = self.make_request, self.submit
         n = len(ts)
+        ids = s.ids.tolist() if getattr(s, "ids", None) is not None else range(n)  # replayed runs keep their ids
         done = env.event()
         tick = _Tick()
         nxt = [0]
@@ -217,13 +219,13 @@ class World:
                     tick.callbacks = [resume]
                     schedule(tick, NORMAL, t - env._now)
                     return
-                submit(make(i, cls[i], t, pr[i], out[i], mx[i], hashes[i]))
+                submit(make(ids[i], cls[i], t, pr[i], out[i], mx[i], hashes[i]))
                 i += 1
             done.succeed()
 
         def resume(_):  # request nxt[0] is due (env.now may differ from its time by rounding: as before)
             i = nxt[0]
-            submit(make(i, cls[i], ts[i], pr[i], out[i], mx[i], hashes[i]))
+            submit(make(ids[i], cls[i], ts[i], pr[i], out[i], mx[i], hashes[i]))
             run(i + 1)
 
         tick.callbacks = [lambda _: run(0)]
@@ -292,7 +294,8 @@ class World:
                 self.progress(env.now, len(self.rows))
             yield env.timeout(1.0)
 
-    def _arrivals_then_done(self):
+    def sources(self) -> list:
+        """Start the arrival processes; returns the events that end with them."""
         procs = []
         if len(self.stream):
             procs.append(self.arrivals())
@@ -301,6 +304,10 @@ class World:
         for ci in self.closed:
             for u in range(self.sc.workload.classes[ci].arrival.users):
                 procs.append(self.env.process(self.closed_user(ci, u, base + ci * 10_000_000, counter)))
+        return procs
+
+    def _arrivals_then_done(self):
+        procs = self.sources()
         if procs:
             yield simpy.AllOf(self.env, procs)
         self.arrivals_done = True

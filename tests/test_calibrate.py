@@ -106,18 +106,28 @@ def test_decode_only_steps_with_a_fixed_term(tmp_path):
     assert np.abs(_predict(load_profile(str(out)), df) / df.time_s - 1).max() < 0.01
 
 
-def test_default_out_is_the_profile_dir_and_never_overwrites(tmp_path, monkeypatch):
-    monkeypatch.setattr(calibrate_cli, "PROFILE_DIR", tmp_path)
-    csv = tmp_path / "steps.csv"
+def test_default_out_is_the_current_folder_and_never_overwrites(tmp_path, monkeypatch):
+    """`sim calibrate STEPS.csv`, as the README writes it: the name is the file's stem, the profile lands in
+    the current folder, never in the installed package's profile folder."""
+    package = tmp_path / "package_profiles"
+    package.mkdir()
+    monkeypatch.setattr(calibrate_cli, "PROFILE_DIR", package)
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    csv = tmp_path / "lab-a.csv"
     _steps(1, 60).to_csv(csv, index=False)
-    r = _run(csv, "--name", "lab-a")
+    r = _run(csv)
     assert r.exit_code == 0, r.output
-    assert (tmp_path / "lab-a.yaml").exists() and "engine.profile: lab-a" in r.stdout
-    before = (tmp_path / "lab-a.yaml").read_text()
-    r = _run(csv, "--name", "lab-a")
+    assert (work / "lab-a.yaml").exists() and "engine.profile: lab-a.yaml" in r.stdout
+    assert not list(package.iterdir())
+    assert yaml.safe_load((work / "lab-a.yaml").read_text())["name"] == "lab-a"
+    before = (work / "lab-a.yaml").read_text()
+    r = _run(csv)
     assert r.exit_code == 2 and "exists" in r.stderr and "--force" in r.stderr
-    assert (tmp_path / "lab-a.yaml").read_text() == before
-    assert _run(csv, "--name", "lab-a", "--force").exit_code == 0
+    assert (work / "lab-a.yaml").read_text() == before
+    assert _run(csv, "--force").exit_code == 0
+    assert _run(csv, "--name", "lab-b").exit_code == 0 and (work / "lab-b.yaml").exists()
 
 
 BAD = [

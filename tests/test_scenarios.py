@@ -62,7 +62,7 @@ def test_run_writes_the_full_report(reports, name):
     df, s = load(folder)
     assert tuple(df.columns) == COLUMN_NAMES
     assert s["scenario"] == name and len(df) == s["requests"]["generated"] + s["window"]["excluded_warmup"]
-    assert df["request_id"].is_unique and len(df) > 50
+    assert df["request_id"].is_unique and len(df) > 25  # the probe scenarios are short designed experiments
     assert s["requests"]["ok"] > 0 and s["latency"]["ttft"]["count"] == s["requests"]["ok"]
     md = (folder / "report.md").read_text()
     assert md.startswith(f"# sim run: {name}") and all(f"]({p})" in md for p in PLOTS)

@@ -9,6 +9,16 @@ from . import ENGINES
 from .base import EngineBase
 
 
+def _delay_to(now: float, target: float) -> float:
+    """The delay d with now + d == target exactly in floating point (SimPy schedules at now + d)."""
+    d = target - now
+    while now + d < target:
+        d = np.nextafter(d, np.inf)
+    while now + d > target:
+        d = np.nextafter(d, -np.inf)
+    return float(d)
+
+
 @ENGINES.register("dynamic_batching")
 class DynamicBatching(EngineBase):
     def __init__(self, world, index, cfg, cost, queue):
@@ -69,20 +79,21 @@ class DynamicBatching(EngineBase):
             k = min(r.target - r.generated for r in active) if self.cfg.fast_forward else 1
             ctx = sum(r.prompt + r.generated for r in active)
             times = cost.step_times(0, 0, n, ctx + n * np.arange(k))
+            # each step's end as one step at a time would reach it: t + x1, then + x2, ... (sequential float
+            # sums, not t + sum(times)), so fast-forward on and off give the same records to the last bit
+            ends = np.add.accumulate(np.concatenate(((t,), times)))[1:]
             dmin = min(r.deadline for r in active)
-            ends = np.cumsum(times)
-            if t + ends[-1] > dmin:  # a client hangs up inside this run: stop at the step it happens in
-                k = int(np.searchsorted(ends, dmin - t)) + 1
-                times = times[:k]
-            seg0 = env.now
-            yield env.timeout(float(times.sum()))
+            if ends[-1] > dmin:  # a client hangs up inside this run: stop at the step it happens in
+                k = int(np.searchsorted(ends, dmin)) + 1
+                times, ends = times[:k], ends[:k]
+            yield env.timeout(_delay_to(env.now, float(ends[-1])))
             self.steps += k
             t = env.now
             ns = sum(r.stream for r in active)  # a client sees inter-token gaps only in a stream
             if ns:
                 world.add_itl(times, ns)
             if world.token_listener is not None:
-                world.emit(active, seg0 + np.cumsum(times))
+                world.emit(active, ends)
             mx = float(times.max())
             still = []
             for r in active:
