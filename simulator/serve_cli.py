@@ -22,7 +22,14 @@ def serve(scenario: Path = typer.Argument(..., help="scenario YAML"),
           out: Optional[Path] = typer.Option(None, "--out", help="write requests.csv, summary.json, report.md here on shutdown"),
           seed: Optional[int] = typer.Option(None, "--seed", help="override the scenario's seed"),
           set_: Optional[List[str]] = typer.Option(None, "--set", help="override a field: path=value (YAML value)"),
-          plots: bool = typer.Option(True, "--plots/--no-plots", help="PNG plots in the --out report")):
+          plots: bool = typer.Option(True, "--plots/--no-plots", help="PNG plots in the --out report"),
+          default_user: Optional[str] = typer.Option(None, "--default-user",
+                                                     help="scenario user of requests that carry no identity "
+                                                          "(default: the scenario's first user)"),
+          idle_timeout: float = typer.Option(15.0, "--idle-timeout", help="seconds a connection may stay idle, or take "
+                                             "to send a request's head or body, before it is closed"),
+          max_connections: int = typer.Option(1000, "--max-connections", help="open connections at most; past it a "
+                                              "new one closes the oldest idle one")):
     """Serve SCENARIO over HTTP: OpenAI, Ollama, llama.cpp, queue-style and Responses APIs, /metrics,
     /queue/status, /usage/*. Prompt tokens = whitespace-separated words (or the X-Prompt-Tokens header);
     output tokens = the requested maximum. Identity: X-User, X-Project, X-Class, X-Priority headers.
@@ -31,11 +38,17 @@ def serve(scenario: Path = typer.Argument(..., help="scenario YAML"),
     from .twin import TwinServer, serve_forever
     if not 0 <= port <= 65535:
         raise InputError(str(scenario), "--port", f"{port} is not a TCP port")
+    if not 0.05 <= idle_timeout <= 86400:
+        raise InputError(str(scenario), "--idle-timeout", f"{idle_timeout} is not in 0.05..86400 seconds")
+    if not 1 <= max_connections <= 1_000_000:
+        raise InputError(str(scenario), "--max-connections", f"{max_connections} is not in 1..1000000")
     sc = load_scenario(scenario, set_, seed)
-    server = TwinServer(sc, host, port, usage_db, out, plots, source=str(scenario))
+    server = TwinServer(sc, host, port, usage_db, out, plots, source=str(scenario), default_user=default_user,
+                         idle_timeout_s=idle_timeout, max_connections=max_connections)
 
     def ready(url):
-        print(f"sim serve: {sc.name} listening on {url} (usage db {usage_db}); Ctrl-C to stop", flush=True)
+        print(f"sim serve: {sc.name} listening on {url} (usage db {usage_db}; requests without identity headers "
+              f"are user {server.twin.tenancy.default_user!r}); Ctrl-C to stop", flush=True)
     serve_forever(server, ready)
     if out is not None:
         print(f"report: {out}/report.md", file=sys.stderr)

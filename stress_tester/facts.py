@@ -90,7 +90,13 @@ def probe(base_url: str, model: str | None = None, timeout: float = TIMEOUT_S) -
     base = base_url.rstrip("/")
     raw, facts, kind = {}, {}, "unknown"
     with httpx.Client(timeout=timeout, follow_redirects=False) as c:
-        st, text = _get(c, base + "/metrics")
+        # the twin first: it also speaks vLLM's /metrics (with Accept: text/plain) and Ollama's /api/version
+        st, text = _get(c, base + "/health")
+        h = _json(text) if st in (200, 503) else None
+        if isinstance(h, dict) and "sim_time_s" in h:
+            kind = "twin"
+            raw["health"] = h
+        st, text = _get(c, base + "/metrics") if kind == "unknown" else (None, "")
         if st == 200 and "vllm:" in text:
             kind = "vllm"
             facts.update(parse_vllm_metrics(text))
@@ -140,12 +146,6 @@ def probe(base_url: str, model: str | None = None, timeout: float = TIMEOUT_S) -
                         show = None
                     if isinstance(show, dict):
                         raw["show"] = {k: show.get(k) for k in ("details", "model_info", "parameters") if k in show}
-        if kind == "unknown":
-            st, text = _get(c, base + "/health")
-            h = _json(text) if st in (200, 503) else None
-            if isinstance(h, dict) and "sim_time_s" in h:
-                kind = "twin"
-                raw["health"] = h
         st, text = _get(c, base + "/v1/models")
         models = _json(text) if st == 200 else None
         if isinstance(models, dict) and isinstance(models.get("data"), list):

@@ -1,69 +1,31 @@
-"""HTTP routes of the twin server (aiohttp).
+"""HTTP routes of the twin server (aiohttp): generation here, information routes in info.py.
 
 Generation endpoints share one path: parse the body (400 naming the field), submit to the world
 (the gateway answers at once: 429/503/404), then stream the tokens as the engine emits them or wait
-for the whole answer. A client that hangs up mid-request is a client timeout in the world.
+for the whole answer. A client that hangs up before its whole answer is written is a cancellation
+(Twin.delivered), whether the world was still working on it or had just finished it.
 """
 from __future__ import annotations
 
 import asyncio
-import io
-import json
 from bisect import bisect_right
 
 from aiohttp import web
 
+from . import info
 from . import usage as uq
-from .bodies import PARSERS, bad, hints
+from .bodies import PARSERS, hints
 from .clock import EARLY
-from .dialects import ENCODERS, Encoder, OllamaChat, text
+from .dialects import ENCODERS, text
 from .service import Ticket, Twin, problem_for
 from .tenancy import HTTPProblem
 from .usage import status_of
+from .web_common import BODY_TIMEOUT, BODY_TIMEOUT_S, MAX_BODY, READING, TWIN, errors, read_json  # noqa: F401
 
-MAX_BODY = 1 << 20  # bytes; larger bodies get 413
 # A request the world timed out at its class's timeout_s is one whose client gives up then: a real
 # server would not answer it either, so the twin stays silent this long (the client hangs up first
 # and records its own timeout, as the simulator does) before it ends the response with an error.
 CLIENT_GRACE_S = 1.0
-TWIN = web.AppKey("twin", Twin)
-
-
-def problem_response(request: web.Request, p: HTTPProblem) -> web.Response:
-    shape = OllamaChat if request.path.startswith("/api/") else Encoder
-    body = shape.error_body(p.status, p.message, p.type, p.code, p.param)
-    return web.json_response(body, status=p.status, headers=p.headers)
-
-
-_TYPES = {400: "invalid_request_error", 404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}
-
-
-@web.middleware
-async def errors(request, handler):
-    try:
-        return await handler(request)
-    except HTTPProblem as p:
-        return problem_response(request, p)
-    except web.HTTPException as e:
-        if e.status < 400:
-            raise
-        msg = e.text or e.reason
-        if e.status in (404, 405):
-            msg = f"{e.reason}: {request.method} {request.path}"
-        return problem_response(request, HTTPProblem(e.status, msg, _TYPES.get(e.status, "error")))
-
-
-async def read_json(request) -> dict:
-    raw = await request.read()  # aiohttp raises 413 past client_max_size
-    if not raw.strip():
-        raise bad("request body is empty")
-    try:
-        body = json.loads(raw)
-    except ValueError as exc:
-        raise bad(f"invalid JSON body: {exc}") from None
-    if not isinstance(body, dict):
-        raise bad("request body must be a JSON object")
-    return body
 
 
 # ---------------------------------------------------------------- generation
@@ -118,22 +80,30 @@ def generation(api: str):
         body = await read_json(request)
         call = parse(body)
         t = twin.submit(call, request.headers, body, *hints(request.headers))
+        sent = False  # the whole answer (or the error the world decided) reached the socket
         try:
             if t.done and t.req.outcome != "ok":
+                sent = True
                 raise problem_for(twin, t.req)
             if api == "queue":
                 return web.json_response(job_view(t), status=202, headers={"X-Request-Id": t.id})
             enc = encoder(t)
             if call.stream:
-                return await _stream(request, twin, t, enc)
+                resp = await _stream(request, twin, t, enc)
+                sent = True
+                return resp
             await _wait_done(t)
             if t.req.outcome != "ok":
                 await _client_timeout(twin, t)
+                sent = True
                 raise problem_for(twin, t.req)
-            return web.json_response(enc.whole(), headers={"X-Request-Id": t.id})
+            resp = web.json_response(enc.whole(), headers={"X-Request-Id": t.id})
+            await resp.prepare(request)  # written here, not after return: a hang-up now is a cancellation
+            await resp.write_eof()
+            sent = True
+            return resp
         finally:
-            if api != "queue" and not t.done:
-                twin.abort(t)  # the client went away (or the handler failed): free the world's resources
+            twin.delivered(t, sent)  # a client gone before its answer: free the world's resources, record it cancelled
     return handler
 
 
@@ -170,172 +140,33 @@ async def get_request(request):
 
 
 # ---------------------------------------------------------------- information
-async def models(request):
-    twin = request.app[TWIN]
-    created = int(twin.wall0)
-    return web.json_response({"object": "list", "data": [
-        {"id": m.name, "object": "model", "created": created, "owned_by": "servesim", "enabled": m.enabled}
-        for m in twin.sc.tenants.models]})
-
-
-async def ollama_tags(request):
-    twin = request.app[TWIN]
-    return web.json_response({"models": [{"name": m.name, "model": m.name, "size": 0, "details": {"family": "servesim"}}
-                                         for m in twin.sc.tenants.models if m.enabled]})
-
-
-async def health(request):
-    twin = request.app[TWIN]
-    d = twin.driver
-    failed = d.failed is not None
-    body = {"status": "failed" if failed else ("stopping" if twin.stopped else "ok"), "scenario": twin.sc.name,
-            "uptime_s": round(d.now(), 6), "sim_time_s": round(twin.world.env.now, 6),
-            "clock_max_lag_s": round(d.max_lag, 6), "clock_steps": d.steps, "open_requests": len(twin.live),
-            "usage_db": str(twin.usage.path) if twin.usage is not None else None}
-    if failed:
-        body["error"] = repr(d.failed)
-    if twin.usage is not None and twin.usage.error is not None:
-        body["usage_error"] = str(twin.usage.error)
-    return web.json_response(body, status=503 if failed else 200)
-
-
-def _wants_prometheus(request) -> bool:
-    fmt = request.query.get("format")
-    if fmt is not None:
-        if fmt not in ("prometheus", "json"):
-            raise bad("format must be 'prometheus' or 'json'", "format")
-        return fmt == "prometheus"
-    accept = request.headers.get("Accept", "")
-    return "text/plain" in accept or "openmetrics" in accept
-
-
-async def metrics(request):
-    twin = request.app[TWIN]
-    twin.driver.advance()
-    g = twin.gauges()
-    if _wants_prometheus(request):
-        return web.Response(body=twin.metrics.prometheus(g).encode(),
-                            headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
-    return web.json_response(twin.metrics.as_dict(g))
-
-
-async def queue_status(request):
-    twin = request.app[TWIN]
-    twin.driver.advance()
-    return web.json_response({"scenario": twin.sc.name, "scheduler": twin.sc.scheduler.policy,
-                              **twin.world.queue_status()})
-
-
-async def records(request):
-    twin = request.app[TWIN]
-    buf = io.StringIO()
-    write_csv_to(buf, twin.world.rows)
-    return web.Response(text=buf.getvalue(), content_type="text/csv")
-
-
-def write_csv_to(fh, rows) -> None:
-    import csv
-    from ..records import COLUMN_NAMES
-    w = csv.writer(fh, lineterminator="\n")
-    w.writerow(COLUMN_NAMES)
-    w.writerows(sorted(rows, key=lambda r: r[0]))
-
-
-# ---------------------------------------------------------------- usage
-def _store(request):
-    twin = request.app[TWIN]
-    if twin.usage is None:
-        raise HTTPProblem(404, "usage store disabled (start with --usage-db)", "not_found")
-    return twin.usage
-
-
-async def usage_summary(request):
-    return web.json_response(await _store(request).read(uq.summary))
-
-
-def usage_scoped(scope: str):
-    async def handler(request):
-        key = request.match_info["id"]
-        out = await _store(request).read(uq.scoped(scope, key))
-        if out is None:
-            raise HTTPProblem(404, f"no usage for {scope} {key!r}", "not_found")
-        return web.json_response(out)
-    return handler
-
-
-async def usage_recent(request):
-    store = _store(request)
-    raw = request.query.get("limit", "20")
-    try:
-        limit = int(raw)
-    except ValueError:
-        limit = 0
-    if not 1 <= limit <= 1000:
-        raise bad("limit must be an integer in 1..1000", "limit")
-    return web.json_response({"requests": await store.read(uq.recent(limit))})
-
-
-# ---------------------------------------------------------------- model pool admin
-def _pool(request):
-    twin = request.app[TWIN]
-    pool = getattr(twin.world, "pool", None)
-    if pool is None:
-        raise HTTPProblem(404, "not a model-pool scenario (cluster.model_pool is empty)", "not_found")
-    return twin, pool
-
-
-def _jsonable(o):
-    return json.loads(json.dumps(o, default=str))
-
-
-async def admin_models(request):
-    twin, pool = _pool(request)
-    twin.driver.advance()
-    return web.json_response(_jsonable(pool.status()))
-
-
-async def admin_action(request):
-    twin, pool = _pool(request)
-    if "model" in request.match_info:
-        model, action = request.match_info["model"], request.match_info["action"]
-    else:
-        body = await read_json(request)
-        model, action = body.get("model"), body.get("action")
-    if action not in ("load", "unload"):
-        raise bad("action must be 'load' or 'unload'", "action")
-    if model not in twin.tenancy.models:
-        raise HTTPProblem(404, f"model {model!r} does not exist", "not_found", "model", "model_not_found")
-    twin.driver.advance()
-    try:
-        result = getattr(pool, action)(model)
-    except (ValueError, KeyError, RuntimeError) as exc:
-        raise HTTPProblem(409, f"cannot {action} {model!r}: {exc}", "conflict") from None
-    twin.driver.advance()
-    twin.driver.wake()
-    return web.json_response(_jsonable({"model": model, "action": action, "result": result, "status": pool.status()}))
-
-
 # ---------------------------------------------------------------- the app
-def build_app(twin: Twin) -> web.Application:
+def build_app(twin: Twin, body_timeout_s: float = BODY_TIMEOUT_S) -> web.Application:
     app = web.Application(client_max_size=MAX_BODY, middlewares=[errors])
     app[TWIN] = twin
+    app[BODY_TIMEOUT] = body_timeout_s
+    app[READING] = set()
     r = app.router
     for path, api in (("/v1/chat/completions", "openai-chat"), ("/v1/completions", "openai-completions"),
                       ("/v1/responses", "responses"), ("/api/chat", "ollama-chat"), ("/api/generate", "ollama-generate"),
                       ("/completion", "llamacpp"), ("/generate", "queue")):
         r.add_post(path, generation(api))
     r.add_get("/requests/{id}", get_request)
-    r.add_get("/v1/models", models)
-    r.add_get("/api/tags", ollama_tags)
-    r.add_get("/health", health)
-    r.add_get("/metrics", metrics)
-    r.add_get("/queue/status", queue_status)
-    r.add_get("/records", records)
-    r.add_get("/usage/summary", usage_summary)
-    r.add_get("/usage/project/{id}", usage_scoped("project"))
-    r.add_get("/usage/user/{id}", usage_scoped("user"))
-    r.add_get("/usage/recent", usage_recent)
-    r.add_get("/v1/admin/models", admin_models)
-    r.add_post("/v1/admin/models", admin_action)
-    r.add_post("/v1/admin/models/{model}/{action}", admin_action)
+    r.add_get("/v1/models", info.models)
+    r.add_get("/v1/models/{id}", info.model)
+    r.add_get("/api/tags", info.ollama_tags)
+    r.add_get("/api/ps", info.ollama_ps)
+    r.add_post("/api/show", info.ollama_show)
+    r.add_get("/api/version", info.ollama_version)
+    r.add_get("/health", info.health)
+    r.add_get("/metrics", info.metrics)
+    r.add_get("/queue/status", info.queue_status)
+    r.add_get("/records", info.records)
+    r.add_get("/usage/summary", info.usage_summary)
+    r.add_get("/usage/project/{id}", info.usage_scoped("project"))
+    r.add_get("/usage/user/{id}", info.usage_scoped("user"))
+    r.add_get("/usage/recent", info.usage_recent)
+    r.add_get("/v1/admin/models", info.admin_models)
+    r.add_post("/v1/admin/models", info.admin_action)
+    r.add_post("/v1/admin/models/{model}/{action}", info.admin_action)
     return app

@@ -12,6 +12,10 @@ from dataclasses import dataclass, field
 
 from .tenancy import HTTPProblem
 
+# Largest token count or priority a request may carry: far beyond any model, and well inside SQLite's
+# and numpy's 64-bit integers (2**63 in max_tokens once killed the usage writer and leaked queue slots).
+MAX_INT = 2**31 - 1
+
 
 @dataclass
 class Call:
@@ -50,8 +54,8 @@ def _positive(obj: dict, key: str, where: str, unlimited: tuple = ()) -> int | N
         raise bad(f"{where} must be an integer", where)
     if v in unlimited:
         return None
-    if v <= 0:
-        raise bad(f"{where} must be positive", where)
+    if not 0 < v <= MAX_INT:
+        raise bad(f"{where} must be an integer in 1..{MAX_INT}", where)
     return v
 
 

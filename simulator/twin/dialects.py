@@ -85,7 +85,7 @@ class OpenAIChat(_SSE):
                                                                "logprobs": None, "finish_reason": None}]}) + b"\n\n"
 
     def _final_choice(self):
-        return {"index": 0, "delta": {}, "logprobs": None, "finish_reason": "length"}
+        return {"index": 0, "delta": {}, "logprobs": None, "finish_reason": self.t.finish_reason()}
 
     def tail(self):
         out = b"data: " + _dumps({**self.base, "choices": [self._final_choice()]}) + b"\n\n"
@@ -96,7 +96,7 @@ class OpenAIChat(_SSE):
     def whole(self):
         return {"id": self.prefix + self.t.id, "object": "chat.completion", "created": self.t.created, "model": self.t.model,
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": text(self.t.generated)},
-                             "logprobs": None, "finish_reason": "length"}],
+                             "logprobs": None, "finish_reason": self.t.finish_reason()}],
                 "usage": self.t.usage()}
 
 
@@ -112,11 +112,12 @@ class OpenAICompletions(OpenAIChat):
         return b""
 
     def _final_choice(self):
-        return {"index": 0, "text": "", "logprobs": None, "finish_reason": "length"}
+        return {"index": 0, "text": "", "logprobs": None, "finish_reason": self.t.finish_reason()}
 
     def whole(self):
         return {"id": self.prefix + self.t.id, "object": "text_completion", "created": self.t.created, "model": self.t.model,
-                "choices": [{"index": 0, "text": text(self.t.generated), "logprobs": None, "finish_reason": "length"}],
+                "choices": [{"index": 0, "text": text(self.t.generated), "logprobs": None,
+                             "finish_reason": self.t.finish_reason()}],
                 "usage": self.t.usage()}
 
 
@@ -143,7 +144,7 @@ class OllamaChat(Encoder):
         decode = (r.last_token - r.first_token) if r.first_token is not None else 0.0
         body = {"model": t.model, "created_at": t.created_iso}
         body[self.field] = {"role": "assistant", "content": content} if self.field == "message" else content
-        body.update({"done": True, "done_reason": "length", "total_duration": _ns((r.end or r.arrival) - r.arrival),
+        body.update({"done": True, "done_reason": self.t.finish_reason(), "total_duration": _ns((r.end or r.arrival) - r.arrival),
                      "load_duration": 0, "prompt_eval_count": r.prompt, "prompt_eval_duration": _ns(ttft),
                      "eval_count": r.generated, "eval_duration": _ns(decode)})
         return body
@@ -178,7 +179,8 @@ class LlamaCpp(_SSE):
         pred_ms = ((r.last_token - r.first_token) * 1000) if r.first_token is not None else 0.0
         n = r.generated
         return {"index": 0, "content": content, "stop": True, "model": self.t.model, "tokens_predicted": n,
-                "tokens_evaluated": r.prompt, "stop_type": "limit", "truncated": False,
+                "tokens_evaluated": r.prompt, "truncated": False,
+                "stop_type": "eos" if self.t.finish_reason() == "stop" else "limit",
                 "timings": {"prompt_n": r.prompt, "prompt_ms": round(prompt_ms, 3),
                             "predicted_n": n, "predicted_ms": round(pred_ms, 3),
                             "predicted_per_token_ms": round(pred_ms / (n - 1), 3) if n > 1 else None,
@@ -192,30 +194,52 @@ class LlamaCpp(_SSE):
 
 
 class Responses(Encoder):
+    """OpenAI's Responses API. A stream is the event sequence the openai SDK's `responses.stream()`
+    checks: created, in_progress, output_item.added, content_part.added, output_text.delta...,
+    output_text.done, content_part.done, output_item.done, then completed (or `incomplete` with
+    reason max_output_tokens when a cap cut the answer, as OpenAI does), each with its sequence_number."""
+
     def __init__(self, t):
         super().__init__(t)
         self.rid, self.item = "resp_" + t.id, "msg_" + t.id
         self.pre = (b'event: response.output_text.delta\ndata: {"type":"response.output_text.delta","item_id":"'
-                    + self.item.encode() + b'","output_index":0,"content_index":0,"sequence_number":')
-        self.seq = 0
+                    + self.item.encode() + b'","output_index":0,"content_index":0,"logprobs":[],"sequence_number":')
+        self.seq = -1
 
     def _event(self, name: str, payload: dict) -> bytes:
         self.seq += 1
         return b"event: " + name.encode() + b"\ndata: " + _dumps({"type": name, "sequence_number": self.seq, **payload}) + b"\n\n"
 
+    def _part(self, content: str) -> dict:
+        return {"type": "output_text", "text": content, "annotations": [], "logprobs": []}
+
+    def _message(self, status: str, content: str | None) -> dict:
+        return {"id": self.item, "type": "message", "role": "assistant", "status": status,
+                "content": [] if content is None else [self._part(content)]}
+
+    def _status(self) -> str:
+        return "completed" if self.t.finish_reason() == "stop" else "incomplete"
+
     def _response(self, status: str, content: str | None, usage: bool) -> dict:
         t = self.t
-        out = []
-        if content is not None:
-            out = [{"id": self.item, "type": "message", "role": "assistant", "status": status,
-                    "content": [{"type": "output_text", "text": content, "annotations": []}]}]
         u = t.usage()
         return {"id": self.rid, "object": "response", "created_at": t.created, "status": status, "model": t.model,
-                "output": out, "usage": {"input_tokens": u["prompt_tokens"], "output_tokens": u["completion_tokens"],
-                                         "total_tokens": u["total_tokens"]} if usage else None}
+                "output": [] if content is None else [self._message("completed", content)],
+                "error": None, "incomplete_details": {"reason": "max_output_tokens"} if status == "incomplete" else None,
+                "instructions": None, "metadata": {}, "parallel_tool_calls": False, "tool_choice": "auto", "tools": [],
+                "temperature": 1.0, "top_p": 1.0, "max_output_tokens": t.call.max_tokens, "previous_response_id": None,
+                "text": {"format": {"type": "text"}}, "truncation": "disabled",
+                "usage": {"input_tokens": u["prompt_tokens"], "input_tokens_details": {"cached_tokens": t.req.cached,
+                                                                                "cache_write_tokens": 0},
+                          "output_tokens": u["completion_tokens"], "output_tokens_details": {"reasoning_tokens": 0},
+                          "total_tokens": u["total_tokens"]} if usage else None}
 
     def head(self):
-        return self._event("response.created", {"response": self._response("in_progress", None, False)})
+        r = self._response("in_progress", None, False)
+        where = {"output_index": 0, "item_id": self.item, "content_index": 0}
+        return (self._event("response.created", {"response": r}) + self._event("response.in_progress", {"response": r})
+                + self._event("response.output_item.added", {"output_index": 0, "item": self._message("in_progress", None)})
+                + self._event("response.content_part.added", {**where, "part": self._part("")}))
 
     def chunk(self, i, j):
         parts = []
@@ -226,9 +250,12 @@ class Responses(Encoder):
 
     def tail(self):
         full = text(self.t.generated)
-        return (self._event("response.output_text.done", {"item_id": self.item, "output_index": 0, "content_index": 0,
-                                                          "text": full})
-                + self._event("response.completed", {"response": self._response("completed", full, True)}))
+        where = {"output_index": 0, "item_id": self.item, "content_index": 0}
+        st = self._status()
+        return (self._event("response.output_text.done", {**where, "text": full, "logprobs": []})
+                + self._event("response.content_part.done", {**where, "part": self._part(full)})
+                + self._event("response.output_item.done", {"output_index": 0, "item": self._message("completed", full)})
+                + self._event(f"response.{st}", {"response": self._response(st, full, True)}))
 
     def fail(self, status, message, type_):
         r = self._response("failed", None, False)
@@ -236,7 +263,7 @@ class Responses(Encoder):
         return self._event("response.failed", {"response": r})
 
     def whole(self):
-        return self._response("completed", text(self.t.generated), True)
+        return self._response(self._status(), text(self.t.generated), True)
 
 
 ENCODERS = {"openai-chat": OpenAIChat, "openai-completions": OpenAICompletions, "ollama-chat": OllamaChat,

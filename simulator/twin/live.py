@@ -12,6 +12,7 @@ import heapq
 
 import numpy as np
 
+from ..records import row
 from ..world import World
 from .spool import RecordSpool
 
@@ -25,7 +26,8 @@ class LiveWorld(World):
         self.on_start = None
         self.on_finish = None
         self.status_of = None  # outcome, req -> HTTP status, stored in the record
-
+        self.decide = None  # req, outcome -> (outcome, hold the record until the answer is delivered)
+        self.holding = False  # set while finish() holds back the record of the request it ends
     def _build_replicas(self):
         # Engines keep a reference to the per-class tokens-per-prefix-id array, so it is sized here,
         # before they exist, for every class the server may derive. Twin requests carry ids computed
@@ -51,11 +53,45 @@ class LiveWorld(World):
             self.on_start(req)
 
     def finish(self, req, outcome, t):
+        hold = False
+        if self.decide is not None:
+            outcome, hold = self.decide(req, outcome)
         if self.status_of is not None and not req.http_status:
             req.http_status = self.status_of(outcome, req)
-        super().finish(req, outcome, t)
-        if self.on_finish is not None:
-            self.on_finish(req)
+        if hold:  # World.finish appends the row: hold back this request's, the server records it once delivered
+            rows, self.rows = self.rows, _HoldRow(self.rows, req.rid)
+            try:
+                super().finish(req, outcome, t)
+            finally:
+                self.rows = rows
+        else:
+            super().finish(req, outcome, t)
+        self.holding = hold
+        try:
+            if self.on_finish is not None:
+                self.on_finish(req)
+        finally:
+            self.holding = False
+
+    def record(self, req) -> None:
+        """The record of a request whose row finish() held back (outcome possibly amended since)."""
+        self.rows.append(row(req, self.names))
+
+    def fail(self, req, error: str) -> None:
+        """`req` raised on its way in: finish it as a 500 at once and give back what it held (its
+        queue slot above all), as the reaper does for a request that times out in a queue."""
+        if req.outcome is not None:
+            return
+        req.error, req.http_status = error, 500
+        held = req.rid in self.live and req.start is None
+        if held:
+            self.queued -= 1
+        self.finish(req, "http_error", self.env.now)
+        if held and req.replica >= 0:
+            try:
+                self.replicas[req.replica].engine.dropped(req)
+            except Exception:  # noqa: BLE001 - the engine never counted it
+                pass
 
     def abort(self, req, reason: str) -> None:
         """The client hung up: as a client timeout in the simulator, at this instant.
@@ -102,3 +138,18 @@ class LiveWorld(World):
                           "running": len(r.engine.running), "kv_util": round(float(r.engine.kv_util()), 6)}
                          for r in self.replicas],
         }
+
+
+class _HoldRow:
+    """Stands in for the record spool during one finish(): drops the row of request `rid` (it is
+    written later, by record()) and passes any other through."""
+
+    def __init__(self, rows, rid):
+        self.rows, self.rid = rows, rid
+
+    def append(self, r) -> None:
+        if r[0] != self.rid:
+            self.rows.append(r)
+
+    def __len__(self) -> int:
+        return len(self.rows)

@@ -1,4 +1,6 @@
-"""Live counters and latency histograms of the twin, as JSON or Prometheus text (exposition 0.0.4).
+"""Live counters and latency histograms of the twin, as JSON or Prometheus text (exposition 0.0.4,
+through prometheus_client): the project's own servesim_* metrics per outcome and class, beside
+vLLM's names (prom.py).
 
 Latencies are taken on the simulated clock, which is the server's wall clock since start, from the
 same Request fields that become the record row; so /metrics and requests.csv agree.
@@ -7,6 +9,11 @@ from __future__ import annotations
 
 import math
 from collections import Counter
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+
+from .prom import VllmMetrics
 
 BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, math.inf)
 
@@ -48,14 +55,19 @@ HISTS = {"ttft": "time to first token", "e2e": "end-to-end latency", "queue_wait
 
 
 class TwinMetrics:
-    def __init__(self):
+    def __init__(self, world):
         self.outcomes: Counter = Counter()  # (outcome, class)
         self.rejections: Counter = Counter()  # (reason, priority)
         self.hist = {k: Histogram() for k in HISTS}
         self.prompt_tokens = 0
         self.output_tokens = 0
+        self.vllm = VllmMetrics(world)
+        self.gauges: dict = {}  # set before each scrape
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(_Own(self))
+        self.registry.register(self.vllm)
 
-    def observe(self, req) -> None:
+    def observe(self, req, finish_reason: str | None = None, times=None) -> None:
         self.outcomes[(req.outcome, req.class_name)] += 1
         if req.outcome.startswith("rejected_"):
             self.rejections[(req.outcome.removeprefix("rejected_"), req.priority)] += 1
@@ -68,6 +80,7 @@ class TwinMetrics:
             self.hist["e2e"].observe(req.end - req.arrival)
             if req.generated > 1:
                 self.hist["tpot"].observe((req.last_token - req.first_token) / (req.generated - 1))
+        self.vllm.observe(req, finish_reason, times)
 
     def as_dict(self, gauges: dict) -> dict:
         by_outcome: Counter = Counter()
@@ -80,40 +93,34 @@ class TwinMetrics:
                 "latency_s": {k: h.as_dict() for k, h in self.hist.items()},
                 "gauges": {k: v for k, (v, _) in gauges.items()}}
 
-    def prometheus(self, gauges: dict) -> str:
-        L = []
-
-        def head(name, kind, help_):
-            L.append(f"# HELP {name} {help_}")
-            L.append(f"# TYPE {name} {kind}")
-        head("servesim_requests_total", "counter", "Finished requests by outcome and class.")
-        for (o, c), n in sorted(self.outcomes.items()):
-            L.append(f'servesim_requests_total{{outcome="{_esc(o)}",class="{_esc(c)}"}} {n}')
-        head("servesim_rejections_total", "counter", "Gateway rejections by reason and priority.")
-        for (r, p), n in sorted(self.rejections.items()):
-            L.append(f'servesim_rejections_total{{reason="{_esc(r)}",priority="{p}"}} {n}')
-        head("servesim_prompt_tokens_total", "counter", "Prompt tokens of requests that began prefill.")
-        L.append(f"servesim_prompt_tokens_total {self.prompt_tokens}")
-        head("servesim_output_tokens_total", "counter", "Generated tokens.")
-        L.append(f"servesim_output_tokens_total {self.output_tokens}")
-        for k, h in self.hist.items():
-            name = f"servesim_{k}_seconds"
-            head(name, "histogram", f"{HISTS[k].capitalize()} of completed requests, seconds.")
-            for b, c in zip(BUCKETS, h.cumulative()):
-                L.append(f'{name}_bucket{{le="{_le(b)}"}} {c}')
-            L.append(f"{name}_sum {h.sum!r}")
-            L.append(f"{name}_count {h.count}")
-        for g, (v, help_) in gauges.items():
-            head(f"servesim_{g}", "gauge", help_)
-            L.append(f"servesim_{g} {_num(v)}")
-        return "\n".join(L) + "\n"
+    def prometheus(self, gauges: dict) -> bytes:
+        self.gauges = gauges
+        return generate_latest(self.registry)
 
 
-def _esc(s) -> str:
-    return str(s).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+class _Own:
+    """The servesim_* families, for prometheus_client's registry."""
 
+    def __init__(self, m: TwinMetrics):
+        self.m = m
 
-def _num(v) -> str:
-    if v is None:
-        return "NaN"
-    return repr(float(v)) if isinstance(v, float) else str(int(v))
+    def collect(self):
+        m = self.m
+        c = CounterMetricFamily("servesim_requests", "Finished requests by outcome and class.", labels=["outcome", "class"])
+        for (o, cl), n in sorted(m.outcomes.items()):
+            c.add_metric([o, cl], n)
+        yield c
+        c = CounterMetricFamily("servesim_rejections", "Gateway rejections by reason and priority.",
+                                labels=["reason", "priority"])
+        for (r, p), n in sorted(m.rejections.items()):
+            c.add_metric([r, str(p)], n)
+        yield c
+        yield CounterMetricFamily("servesim_prompt_tokens", "Prompt tokens of requests that began prefill.",
+                                  value=m.prompt_tokens)
+        yield CounterMetricFamily("servesim_output_tokens", "Generated tokens.", value=m.output_tokens)
+        for k, h in m.hist.items():
+            fam = HistogramMetricFamily(f"servesim_{k}_seconds", f"{HISTS[k].capitalize()} of completed requests, seconds.")
+            fam.add_metric([], [(_le(b), c) for b, c in zip(BUCKETS, h.cumulative())], h.sum)
+            yield fam
+        for g, (v, help_) in m.gauges.items():
+            yield GaugeMetricFamily(f"servesim_{g}", help_, value=float("nan") if v is None else v)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
 import math
 import time
 import uuid
@@ -21,11 +22,19 @@ from .metrics import TwinMetrics
 from .tenancy import HTTPProblem, Tenancy, identity
 from .usage import UsageStore
 
+log = logging.getLogger("servesim.twin")
 KEEP_FINISHED = 10_000  # finished tickets kept for GET /requests/{id}
 
 
+CANCELLED = "client disconnected"  # error of a request whose client hung up (outcome `timeout`, HTTP 499)
+
+
 class Ticket:
-    __slots__ = ("id", "req", "call", "model", "created", "created_iso", "times", "event", "done", "wall0")
+    """`delivery` is None while a handler still owes the client its answer, then "sent" or
+    "cancelled"; `held` is True while the world has finished the request but its record, metrics
+    and usage wait for that verdict (a client that hangs up before the last byte is not served)."""
+    __slots__ = ("id", "req", "call", "model", "created", "created_iso", "times", "event", "done", "wall0",
+                 "delivery", "held", "natural")
 
     def __init__(self, twin, req, call):
         self.id = uuid.uuid4().hex
@@ -36,6 +45,9 @@ class Ticket:
         self.times: list = []
         self.event = asyncio.Event()
         self.done = False
+        self.delivery = None if call.api != "queue" else "sent"  # queue jobs are polled, not delivered
+        self.held = False
+        self.natural = False  # the request's output length is its natural end, not a cap (see finish_reason)
 
     def wall(self, t):
         return None if t is None else round(self.wall0 + t, 6)
@@ -43,6 +55,15 @@ class Ticket:
     @property
     def generated(self) -> int:
         return len(self.times)
+
+    def finish_reason(self) -> str:
+        """"stop" when the answer ended at its natural length below every cap, "length" when a cap
+        (the client's max_tokens, the model's max_max_tokens, a degradation level's cap) cut it.
+        The natural length is the body's max_tokens when the X-Requested-Max-Tokens hint asks for more
+        (the stress tester sends a scenario request's output length that way, with ignore_eos), or
+        the model's default_max_tokens when the body sets no maximum."""
+        r = self.req
+        return "stop" if self.natural and len(self.times) >= r.output else "length"
 
     def usage(self) -> dict:
         p, n = self.req.prompt, len(self.times)
@@ -54,15 +75,16 @@ class Ticket:
 
 
 class Twin:
-    def __init__(self, sc, usage_db: Path | None = None, out: Path | None = None, plots: bool = False):
+    def __init__(self, sc, usage_db: Path | None = None, out: Path | None = None, plots: bool = False,
+                 default_user: str | None = None):
         self.world = LiveWorld(sc)
         self.sc = self.world.sc
         self.driver = RealTimeDriver(self.world.env)
-        self.tenancy = Tenancy(self.world)
-        self.metrics = TwinMetrics()
-        self.usage = UsageStore(usage_db) if usage_db is not None else None
-        self.out, self.plots = out, plots
+        self.tenancy = Tenancy(self.world, default_user)
+        self.metrics = TwinMetrics(self.world)
         self.run_id = uuid.uuid4().hex[:12]
+        self.usage = UsageStore(usage_db, self.run_id) if usage_db is not None else None
+        self.out, self.plots = out, plots
         self.live: dict = {}  # rid -> ticket, until finished
         self.recent: OrderedDict = OrderedDict()  # public id -> ticket
         self.next_rid = 0
@@ -77,6 +99,10 @@ class Twin:
         w.on_start = self._started
         w.on_finish = self._finished
         w.status_of = http_status
+        w.decide = self._decide
+        self.held: dict = {}  # rid -> ticket whose record waits for its delivery verdict
+        from .prom import max_model_len
+        self.max_model_len = max_model_len(self.sc, self.world.replicas)
 
     # ---------------------------------------------------------------- lifecycle
     def start(self) -> None:
@@ -108,6 +134,8 @@ class Twin:
         self.closed = True
         self.begin_shutdown()
         await self.driver.stop()
+        for t in list(self.held.values()):  # handlers are gone: what they had not confirmed was not delivered
+            self.delivered(t, False)
         if self.out is not None:
             loop = asyncio.get_running_loop()
             self.summary = await loop.run_in_executor(None, self.write_report, Path(self.out))
@@ -153,24 +181,53 @@ class Twin:
         if ident.priority is not None:
             req.priority = ident.priority
         t = Ticket(self, req, call)
+        t.natural = call.max_tokens is None or (requested_max is not None and requested_max > call.max_tokens)
         self.live[req.rid] = t
         self.recent[t.id] = t
         while len(self.recent) > KEEP_FINISHED and next(iter(self.recent.values())).done:
             self.recent.popitem(last=False)
         if self.usage is not None:
             self.usage.created(t, self.run_id)
-        w.submit(req)
+        try:
+            w.submit(req)
+        except Exception as exc:  # noqa: BLE001 - a bug must not keep the request's queue slot
+            log.exception("request %s failed entering the world", t.id)
+            w.fail(req, f"internal error: {type(exc).__name__}: {exc}")
+            raise HTTPProblem(500, f"internal error: {type(exc).__name__}", "server_error") from None
         self.driver.advance()
         self.driver.wake()
         return t
 
-    def abort(self, t: Ticket, reason: str = "client disconnected") -> None:
+    def abort(self, t: Ticket, reason: str = CANCELLED) -> None:
         if t.done or t.req.outcome is not None:
             return
         self.driver.advance()
         self.world.abort(t.req, reason)
         self.driver.advance()
         self.driver.wake()
+
+    def delivered(self, t: Ticket, ok: bool) -> None:
+        """The handler's verdict: the whole answer was written (`ok`), or the client went away first.
+        A request the world finished but the client did not get is recorded as a cancellation: outcome
+        `timeout`, error "client disconnected", HTTP 499 (records.py has no outcome of its own for it;
+        this is what a hang-up before the world finished gives, and what `stress run` records for a
+        client-side timeout)."""
+        if t.delivery is not None:
+            return
+        t.delivery = "sent" if ok else "cancelled"
+        if not t.done:
+            if not ok:
+                self.abort(t)
+            return
+        if not t.held:
+            return
+        t.held = False
+        self.held.pop(t.req.rid, None)
+        r = t.req
+        if not ok and r.outcome == "ok":
+            r.outcome, r.error, r.http_status = "timeout", CANCELLED, 499
+        self.world.record(r)
+        self._account(t)
 
     def _hashes(self, call, ci):
         """Chained ids of the prompt's full blocks of words, so equal prefixes share ids (prefix caching)."""
@@ -199,13 +256,33 @@ class Twin:
         if t is not None and self.usage is not None:
             self.usage.started(t)
 
+    def _decide(self, req, outcome: str) -> tuple[str, bool]:
+        """Asked by the world as it finishes `req`: the outcome to record, and whether to hold the
+        record until the handler says the answer reached the client."""
+        t = self.live.get(req.rid)
+        if t is None or outcome != "ok":
+            return outcome, False
+        if t.delivery == "cancelled":  # the client left while the engine was finishing it
+            req.error = CANCELLED
+            return "timeout", False
+        return outcome, t.delivery is None
+
     def _finished(self, req) -> None:
         t = self.live.pop(req.rid, None)
-        self.metrics.observe(req)
         if t is None:
+            self.metrics.observe(req)
             return
         t.done = True
         t.event.set()
+        if self.world.holding:
+            t.held = True
+            self.held[req.rid] = t
+            return
+        self._account(t)
+
+    def _account(self, t: Ticket) -> None:
+        r = t.req
+        self.metrics.observe(r, t.finish_reason() if r.outcome == "ok" else None, t.times)
         if self.usage is not None:
             self.usage.finished(t)
 
@@ -247,7 +324,7 @@ def http_status(o: str, req) -> int:
     if o == "http_error":
         return req.http_status or 400
     if o == "timeout":
-        return 499 if req.error == "client disconnected" else 504
+        return 499 if req.error == CANCELLED else 504
     return 500
 
 

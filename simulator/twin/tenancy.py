@@ -3,7 +3,9 @@
 Identity comes from headers (X-User, X-Project, X-Class, X-Priority), then the body's `metadata`
 object (same keys, lower case), then OpenAI's `user` field. Headers and metadata are strict (an
 unknown user is a 400); the `user` field is only used when it names a scenario user, since OpenAI
-clients put arbitrary end-user ids there. With no identity the request is the scenario's first class.
+clients put arbitrary end-user ids there. A request with no identity at all belongs to the default
+user (`sim serve --default-user`; without it the scenario's first user, announced at start-up and
+in /health): its class for the requested model, else its first class.
 
 The class decides user, project, tier, priority, timeout and prices. A request whose (user, model)
 pairing no class lists gets a derived class that keeps the class name of its base, so records and
@@ -14,6 +16,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..scenario import TIER_PRIORITY
+
+MAX_PRIORITY = 2**31 - 1  # within SQLite's and numpy's integers; schedulers multiply it by aging_s
 
 
 class HTTPProblem(Exception):
@@ -53,19 +57,19 @@ def identity(headers, body: dict) -> Identity:
         pr, where = meta.get("priority", body.get("priority")), "priority"
     if pr is not None:
         try:
-            if isinstance(pr, bool) or isinstance(pr, float):
+            if isinstance(pr, (bool, float)) or (isinstance(pr, str) and len(pr) > 12):
                 raise ValueError
             out.priority = int(pr)
-            if out.priority < 0:
+            if not 0 <= out.priority <= MAX_PRIORITY:
                 raise ValueError
         except (TypeError, ValueError):
-            raise HTTPProblem(400, f"{where} must be a non-negative integer", param=where) from None
+            raise HTTPProblem(400, f"{where} must be an integer in 0..{MAX_PRIORITY}", param=where) from None
     out.body_user = body.get("user")
     return out
 
 
 class Tenancy:
-    def __init__(self, world):
+    def __init__(self, world, default_user: str | None = None):
         self.world = world
         sc = world.sc
         self.classes = sc.workload.classes
@@ -74,6 +78,9 @@ class Tenancy:
         self.projects = {p.id: p for p in sc.tenants.projects}
         self.models = {m.name: m for m in sc.tenants.models}
         self.derived: dict[tuple, int] = {}
+        if default_user is not None and default_user not in self.users:
+            raise ValueError(f"unknown user {default_user!r} (known: {sorted(self.users)})")
+        self.default_user = default_user if default_user is not None else sc.tenants.users[0].id
 
     def model_name(self, model) -> str | None:
         """The body's model, which must be a scenario model; None when absent (the class decides)."""
@@ -97,6 +104,8 @@ class Tenancy:
         if user is not None and project is not None and self.users[user].project != project:
             raise HTTPProblem(400, f"user {user!r} belongs to project {self.users[user].project!r}, not {project!r}",
                               param="X-Project")
+        if user is None and project is None and ident.cls is None:
+            user = self.default_user
         if user is None and project is not None:
             user = next((u.id for u in self.users.values() if u.project == project), None)
             if user is None:
