@@ -187,13 +187,18 @@ def calibrate_cmd(steps: List[Path] = typer.Argument(..., help="CSV of observed 
                   sim_engine: str = typer.Option("continuous", "--sim-engine",
                                                  help="run folders: the simulator engine the profile is for "
                                                       "(continuous = vLLM-like, llamacpp)"),
+                  no_refine: bool = typer.Option(False, "--no-refine", help="run folders: skip the replay "
+                                                 "refinement (a step scale and the front end fitted to the "
+                                                 "open-loop calibration runs' percentiles)"),
                   budget: Optional[int] = typer.Option(None, "--token-budget", min=16,
                                                        help="run folders: the server's tokens per step (vLLM "
                                                             "max_num_batched_tokens, default 8192; llama.cpp "
                                                             "n_batch, default 2048)")):
     """Fit a cost-model profile from observed engine steps, or from stress run folders; write it and print the fit."""
     if steps and all(Path(p).is_dir() for p in steps):
-        return _calibrate_runs(steps, name, out, sim_engine, budget, force)
+        info = {"name": model or "unknown", **({"kv_bytes_per_token": kv_bytes_per_token} if kv_bytes_per_token else {}),
+                **({"weight_bytes": weight_bytes} if weight_bytes else {})}
+        return _calibrate_runs(steps, name, out, sim_engine, budget, force, info, gpu, not no_refine)
     if len(steps) != 1:
         raise InputError(str(steps[1]), "", "give one STEPS.csv, or only run folders")
     steps = steps[0]
@@ -218,7 +223,7 @@ def calibrate_cmd(steps: List[Path] = typer.Argument(..., help="CSV of observed 
 
 
 
-def _calibrate_runs(folders, name, out, sim_engine, budget, force):
+def _calibrate_runs(folders, name, out, sim_engine, budget, force, info, gpu, refine=True):
     from .calibrate_runs import calibrate_runs
     if name is None:
         name = re.sub(r"[^A-Za-z0-9._-]+", "-", Path(folders[0]).resolve().parent.name).strip("-._") or "calibrated"
@@ -229,7 +234,7 @@ def _calibrate_runs(folders, name, out, sim_engine, budget, force):
     path = out or Path(f"{name}.yaml")
     if path.exists() and not force:
         raise InputError(path, "--out", "exists; pass --force to overwrite or choose another --out")
-    text, model, report = calibrate_runs(folders, sim_engine, name, budget)
+    text, model, report = calibrate_runs(folders, sim_engine, name, budget, info, gpu, refine)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
     fit_meta = report["fit"]

@@ -65,7 +65,8 @@ def _need(cond: bool, folder: str, term: str, why: str):
         raise InputError(folder, term, why)
 
 
-def calibrate_runs(folders: list, engine: str, name: str, budget: int | None = None) -> tuple[str, CostModel, dict]:
+def calibrate_runs(folders: list, engine: str, name: str, budget: int | None = None, model_info: dict | None = None,
+                   gpu: str | None = None, refine: bool = True) -> tuple[str, CostModel, dict]:
     if engine not in BUDGETS:
         raise InputError("--engine", engine, f"expected one of {sorted(BUDGETS)}")
     budget = budget or BUDGETS[engine]
@@ -131,7 +132,8 @@ def calibrate_runs(folders: list, engine: str, name: str, budget: int | None = N
               "runs": [p.info for p in parts], "per_run": per_run, "server_kinds": list(kinds), "facts": facts,
               "budget_tokens": budget}
     doc = {"name": name, "engine": f"calibrated from client traces ({', '.join(kinds)}; sim engine {engine})",
-           "version": 1, "model": {"name": "unknown"},
+           "version": 1, "model": dict(model_info or {"name": "unknown"}),
+           **({"gpu": {"name": gpu}} if gpu else {}),
            "source": {"dataset": "client_traces", "runs": [
                {"folder": Path(f).name, "requests_sha256": hashlib.sha256((Path(f) / "requests.csv").read_bytes()).hexdigest()}
                for f in folders]},
@@ -141,10 +143,11 @@ def calibrate_runs(folders: list, engine: str, name: str, budget: int | None = N
                         "note": "HTTP, tokenisation, detokenisation and streaming around the engine, from TTFT of "
                                 "requests sent to an idle server minus their step"},
            "coefficients": {c: float(f"{getattr(written, c):.4g}") for c in COEFFICIENTS}}
-    refined = refine_by_replay(runs, engine, written, frontend, tuple(sorted(facts.items())))
+    refined = refine_by_replay(runs, engine, written, frontend, tuple(sorted(facts.items()))) if refine else None
     if refined is not None:
         alpha, frontend, before, after = refined
-        written = CostModel(**{c: float(f"{getattr(written, c) * alpha:.4g}") for c in COEFFICIENTS})
+        written = CostModel(**{c: float(f"{getattr(written, c) * alpha:.4g}") for c in COEFFICIENTS},
+                            **{k: getattr(written, k) for k in ("kv_bytes_per_token", "weight_bytes")})
         doc["coefficients"] = {c: getattr(written, c) for c in COEFFICIENTS}
         doc["frontend"]["latency_s"] = float(f"{frontend:.4g}")
         doc["refined_by_replay"] = {"step_scale": round(alpha, 4), "frontend_s": round(frontend, 6),
@@ -158,7 +161,9 @@ def calibrate_runs(folders: list, engine: str, name: str, budget: int | None = N
     header = (f"# Fitted by `sim calibrate {' '.join(Path(f).name for f in folders)[:200]} --engine {engine}` "
               "from client-side measurements only; refit rather than edit.\n")
     text = header + yaml.safe_dump(doc, sort_keys=False, default_flow_style=False, width=110)
-    final = CostModel(**{c: getattr(written, c) for c in COEFFICIENTS}, frontend_s=float(f"{frontend:.4g}"))
+    mi = model_info or {}
+    final = CostModel(**{c: getattr(written, c) for c in COEFFICIENTS}, frontend_s=float(f"{frontend:.4g}"),
+                      **{k: int(mi[k]) for k in ("kv_bytes_per_token", "weight_bytes") if k in mi})
     return text, final, report
 
 
@@ -228,7 +233,9 @@ def refine_by_replay(runs, engine: str, model: CostModel, frontend: float, facts
     for _ in range(2):
         e = errors(alpha, fe)
         shift = [m[("ttft_s", 50)] * x[("ttft_s", 50)] / 100 for x, m in zip(e, measured) if ("ttft_s", 50) in x]
-        fe = max(0.0, fe - float(np.median(shift)))
+        # the idle measurement bounds it: a front end that has to move further is covering for something the
+        # engine model lacks (the fidelity table should show that, not a profile that hides it)
+        fe = min(2 * frontend, max(0.5 * frontend, fe - float(np.median(shift))))
     after = mean_abs(errors(alpha, fe))
     if after >= before:
         return None

@@ -96,7 +96,7 @@ def load_profile(name_or_path: str) -> CostModel:
     from .errors import InputError
     from .safeio import load_yaml_file
     path = Path(name_or_path)
-    if not path.suffix:
+    if path.suffix not in (".yaml", ".yml") and not path.exists():  # a name (names may hold dots: vllm-0.26-...)
         path = PROFILE_DIR / f"{name_or_path}.yaml"
     if not path.exists():
         known = ", ".join(sorted(p.stem for p in PROFILE_DIR.glob("*.yaml")))

@@ -80,7 +80,7 @@ def replay_overrides(run: RunFolder, engine: str | None, profile: str | None, se
     if engine:
         out.append(("engine.type", engine))
     if profile:
-        out.append(("engine.profile", str(Path(profile).resolve()) if Path(profile).suffix else profile))
+        out.append(("engine.profile", str(Path(profile).resolve()) if Path(profile).exists() else profile))
     out += parse_sets(sets, run.path)
     return out, used
 

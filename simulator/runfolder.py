@@ -30,8 +30,8 @@ TOKEN_DTYPE = np.dtype([("request_id", "<i8"), ("t_s", "<f8"), ("n_tokens", "<i4
 TOKEN_PARTS = "tokens-*.bin"
 SERVER_KINDS = ("vllm", "llamacpp", "ollama", "twin", "openai", "unknown")
 CLIENT_COLUMNS = ("request_id", "closed_user", "prompt_tokens_server", "output_tokens_server", "finish_reason", "chunks")
-# optional: prompt tokens the server served from its prefix cache (reported by the server, or estimated for
-# runs whose prompts repeated earlier runs' text: bench/session_prefix_cache.py); the engine computed the rest
+# optional: prompt tokens the server served from its prefix cache, where it says so (vLLM's and OpenAI's
+# usage.prompt_tokens_details.cached_tokens, llama.cpp's timings.cache_n); the engine computed the rest
 OPTIONAL_CLIENT = ("prefix_cached_tokens",)
 
 
@@ -218,7 +218,7 @@ def _merge_client(path: Path, c: pd.DataFrame, df: pd.DataFrame) -> pd.DataFrame
         raise InputError(str(path), "request_id", f"request {int(c.loc[c.request_id.duplicated(), 'request_id'].iloc[0])} listed twice")
     extra = [k for k in OPTIONAL_CLIENT if k in c.columns]
     for k in extra:
-        if not pd.api.types.is_numeric_dtype(c[k]):
+        if not pd.api.types.is_numeric_dtype(c[k]) and not c[k].isna().all():
             raise InputError(str(path), k, "not a number in every row")
     c = c[list(CLIENT_COLUMNS) + extra].astype({"request_id": "int64"})
     return df.merge(c, on="request_id", how="left", validate="one_to_one")

@@ -88,6 +88,9 @@ class OpenAIChat(Dialect):
             raise StreamError(f"malformed usage: {str(u)[:40]!r}")
         job.usage = count(u.get("completion_tokens"), "usage.completion_tokens")
         job.usage_prompt = count(u.get("prompt_tokens"), "usage.prompt_tokens")
+        details = u.get("prompt_tokens_details")  # vLLM --enable-prompt-tokens-details, OpenAI: prefix-cache hits
+        if isinstance(details, dict) and details.get("cached_tokens") is not None:
+            job.usage_cached = count(details.get("cached_tokens"), "usage.prompt_tokens_details.cached_tokens")
 
     def event(self, o, job):
         ch = o.get("choices")
@@ -213,6 +216,8 @@ class LlamaCpp(Dialect):
             u = timings.get("predicted_n")
         job.usage = count(u, "tokens_predicted")
         job.usage_prompt = count(o.get("tokens_evaluated"), "tokens_evaluated")
+        if isinstance(timings, dict) and timings.get("cache_n") is not None:  # prompt tokens reused from the slot
+            job.usage_cached = count(timings.get("cache_n"), "timings.cache_n")
         job.finish = str(o.get("stop_type") or "")[:32]
 
     def event(self, o, job):

@@ -23,7 +23,7 @@ import numpy as np
 from simulator.metrics import summarize
 from simulator.records import COLUMN_NAMES
 from simulator.report import write_report
-from simulator.runfolder import CLIENT_COLUMNS, TOKEN_PARTS, merge_token_parts
+from simulator.runfolder import CLIENT_COLUMNS, OPTIONAL_CLIENT, TOKEN_PARTS, merge_token_parts
 
 from .client import Job
 from .facts import probe
@@ -281,6 +281,6 @@ def write_client_csv(path: Path, rows: list) -> None:
     import csv
     with open(path, "w", newline="") as fh:
         w = csv.writer(fh, lineterminator="\n")
-        w.writerow(CLIENT_COLUMNS)
+        w.writerow(CLIENT_COLUMNS + OPTIONAL_CLIENT)
         for r in rows:
             w.writerow(["" if v is None else v for v in r])
