@@ -182,9 +182,10 @@ def summarize(df: pd.DataFrame, scenario, itl=None, series=None, source: str = "
 
 
 def timeseries(df: pd.DataFrame, series: dict | None, bin_s: float = 1.0) -> dict:
-    if len(df) == 0:
+    times = df[["arrival_s", "end_s"]].to_numpy(dtype=float)
+    if len(df) == 0 or not np.isfinite(times).any():  # nothing sent (a stress run stopped in its start-up)
         return {"bin_s": bin_s, "t": []}
-    last = float(np.nanmax(df[["arrival_s", "end_s"]].to_numpy(dtype=float)))
+    last = float(np.nanmax(times))
     nb = int(last // bin_s) + 1
     edges = np.arange(nb + 1) * bin_s
 

@@ -73,7 +73,9 @@ def markdown(s: dict, title: str, plots=()) -> str:
     L += verdict_lines(s, streamed)
     w = s["window"]
     since = f" from the first request at {w['warmup_from_s']:.2f} s" if "warmup_from_s" in w else ""
-    L += ["", f"Measured window {w['start_s']:.2f}–{w['end_s']:.2f} s ({w['duration_s']:.1f} s); warm-up "
+    win = ("nothing was sent" if w.get("start_s") is None else
+           f"{w['start_s']:.2f}–{w['end_s']:.2f} s ({w['duration_s']:.1f} s)")
+    L += ["", f"Measured window {win}; warm-up "
           f"{w['warmup_s']:g} s{since} excluded ({w['excluded_warmup']} requests). Only `ok` requests enter latencies. "
           "Every figure, unrounded, is in `summary.json`.", ""]
     r = s["requests"]

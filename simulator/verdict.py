@@ -60,6 +60,8 @@ def per_class(s: dict, streamed: dict[str, bool]) -> list[tuple[str, bool, list[
             missed.append(f"{pct(shed)} shed")
         if policy > 0.01:
             missed.append(f"{pct(policy)} refused by rate limit or quota")
+        if not o.get("ok"):
+            missed.append("no request completed")  # nothing met, whatever the targets say
         out.append((cls, not missed, missed))
     return out
 
@@ -145,6 +147,10 @@ def saturation(s: dict) -> str | None:
     return None
 
 
+def _rate(x) -> str:
+    return "–" if x is None else f"{x:.2f} req/s"
+
+
 def verdict_lines(s: dict, streamed: dict[str, bool]) -> list[str]:
     cls = per_class(s, streamed)
     met = [c for c, ok, _ in cls if ok]
@@ -155,8 +161,8 @@ def verdict_lines(s: dict, streamed: dict[str, bool]) -> list[str]:
     g = s["goodput"]
     lines = [f"{head} (p95 {slo_txt or 'none set'}; TTFT and TPOT for streamed classes; ≤ 1 % shed). "
              f"SLO attainment {pct(g['slo_attainment'])} of {g.get('denominator', s['requests']['generated'])} "
-             f"offered requests; goodput {g['requests_per_s']:.2f} req/s of {s['throughput']['requests_per_s']:.2f} "
-             "completed req/s.", ""]
+             f"offered requests; goodput {_rate(g['requests_per_s'])} of {_rate(s['throughput']['requests_per_s'])} "
+             "completed.", ""]
     for c, ok, why in cls:
         lines.append(f"- {'✅' if ok else '❌'} **{c}**{'' if streamed.get(c, True) else ' (non-streamed)'}: "
                      + ("met" if ok else "; ".join(why)))

@@ -31,6 +31,18 @@ def check_url(url: str) -> str:
     return url
 
 
+def check_target(api: str, base_url: str, prompt_word: str) -> None:
+    """--api, --base-url and --prompt-word, checked before anything is sent."""
+    from .dialects import DIALECTS
+    from .prompts import check_word
+    if api not in DIALECTS:
+        raise InputError("--api", api, f"unknown API (known: {', '.join(DIALECTS)})")
+    check_url(base_url)
+    why = check_word(prompt_word)
+    if why:
+        raise InputError("--prompt-word", prompt_word, why)
+
+
 @app.command()
 @friendly
 def run(scenario: Path = typer.Argument(..., help="scenario YAML"),
@@ -63,17 +75,13 @@ def run(scenario: Path = typer.Argument(..., help="scenario YAML"),
     """Send SCENARIO's requests to a server at their scheduled times; write the same report as `sim run`."""
     from simulator.scenario import load_scenario
 
-    from .dialects import DIALECTS
-    from .run import run_stress
+    from .run import run_stress, start_up
     from .runner import Options
-    if api not in DIALECTS:
-        raise InputError("--api", api, f"unknown API (known: {', '.join(DIALECTS)})")
-    check_url(base_url)
-    from .prompts import check_word
-    why = check_word(prompt_word)
-    if why:
-        raise InputError("--prompt-word", prompt_word, why)
-    sc = load_scenario(scenario, set_, seed)
+    check_target(api, base_url, prompt_word)
+    with start_up() as stopped:  # a signal while loading is answered with a report of unsent requests
+        sc = load_scenario(scenario, set_, seed)
+    if stopped:
+        sc = load_scenario(scenario, set_, seed)
     out = out or Path("reports") / f"{sc.name}-stress"
     check_out_dir(out)
     opts = Options(base_url=base_url, api=api, model=model, concurrency=concurrency, max_duration=max_duration,
@@ -81,7 +89,7 @@ def run(scenario: Path = typer.Argument(..., help="scenario YAML"),
                    extensions=not no_extensions, poll_s=poll, prompt_word=prompt_word, probe=not no_probe,
                    prompt_salt=prompt_salt,
                    progress_file=str(progress_file) if progress_file else None)
-    summary = run_stress(sc, opts, out, workers=workers, plots=not no_plots)
+    summary = run_stress(sc, opts, out, workers=workers, plots=not no_plots, stopped_early=stopped[0] if stopped else None)
     if not quiet:
         from rich.console import Console
 
@@ -124,16 +132,9 @@ def probe(base_url: str = typer.Option(..., "--base-url", help="server root, e.g
           prompt_word: str = typer.Option(" the", "--prompt-word", help="one token of the server's tokenizer"),
           no_extensions: bool = typer.Option(False, "--no-extensions", help="omit ignore_eos/min_tokens")):
     """Run the calibration probes (prefill sweep, decode sweeps, Poisson) against a server, for `sim calibrate`."""
-    from .dialects import DIALECTS
     from .probe import run_probe
-    from .prompts import check_word
     from .runner import Options
-    if api not in DIALECTS:
-        raise InputError("--api", api, f"unknown API (known: {', '.join(DIALECTS)})")
-    check_url(base_url)
-    why = check_word(prompt_word)
-    if why:
-        raise InputError("--prompt-word", prompt_word, why)
+    check_target(api, base_url, prompt_word)
     check_out_dir(out)
     opts = Options(base_url=base_url, api=api, model=model, grace=2.0, extensions=not no_extensions,
                    prompt_word=prompt_word)

@@ -221,7 +221,8 @@ def _write_progress(path, sent, done, scheduled, final):
 
 
 # ------------------------------------------------------------------ the command's body
-def run_stress(sc, opts: Options, out: Path, workers: int = 1, plots: bool = True, log=print) -> dict:
+def run_stress(sc, opts: Options, out: Path, workers: int = 1, plots: bool = True, log=print,
+               stopped_early: str | None = None) -> dict:
     """Facts about the server, the run, then the run folder: requests.csv and the report (as `sim run`),
     client.csv, tokens.parquet (per-chunk arrivals, kept on disk while running) and server.json."""
     out = Path(out)
@@ -229,7 +230,15 @@ def run_stress(sc, opts: Options, out: Path, workers: int = 1, plots: bool = Tru
     for old in out.glob(TOKEN_PARTS):  # a previous run's leftovers would mix with this one's
         old.unlink()
     plan = build_plan(sc)
-    facts_start = probe(opts.base_url, opts.model) if opts.probe else {"kind": "unknown", "facts": {}, "raw": {}}
+    none = {"kind": "unknown", "facts": {}, "raw": {}}
+    stopped = [stopped_early] if stopped_early else []
+    if not stopped:
+        with start_up() as stopped:  # a signal before the first send still ends in a report: all not_sent
+            facts_start = probe(opts.base_url, opts.model) if opts.probe else none
+    if stopped:
+        why = f"interrupted ({stopped[0]}) during start-up"
+        part = to_part(plan, [not_sent(plan, i, why, Job) for i in range(len(plan))], b"", 0, why)
+        return _report(sc, opts, out, [part], none, none, 1, len(plan), plots, log, "")
     opts = dataclasses.replace(opts, record_dir=str(out), server_kind=facts_start["kind"])
     if opts.prompt_salt is None:  # a run never meets an earlier run's prompts in a prefix cache
         opts = dataclasses.replace(opts, prompt_salt=int.from_bytes(os.urandom(3), "big") % 100000)
@@ -247,12 +256,46 @@ def run_stress(sc, opts: Options, out: Path, workers: int = 1, plots: bool = Tru
         parts = run_workers(plan, opts, workers, log)
     else:
         parts = [Runner(plan, opts).run()]
-    facts_end = probe(opts.base_url, opts.model) if opts.probe else {"kind": "unknown", "facts": {}, "raw": {}}
+    with start_up() as stopped:  # a second signal while asking the server again: skip the end facts
+        facts_end = probe(opts.base_url, opts.model) if opts.probe and not _interrupted(parts) else none
+    if stopped:
+        facts_end = none
+    return _report(sc, opts, out, parts, facts_start, facts_end, workers, len(plan), plots, log, model_note)
+
+
+def _interrupted(parts) -> bool:
+    return any(p.stop_reason.startswith("interrupted") for p in parts)
+
+
+class start_up:
+    """SIGINT/SIGTERM while no event loop listens (start-up, the end facts) stop that phase only: the
+    context yields a list that holds the signal's name once one came."""
+
+    def __enter__(self):
+        self.got, self.prev = [], {}
+
+        def on(signum, _frame):
+            self.got.append(signal.Signals(signum).name)
+            raise KeyboardInterrupt
+        for sg in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self.prev[sg] = signal.signal(sg, on)
+            except ValueError:  # not the main thread: the caller owns signals
+                pass
+        return self.got
+
+    def __exit__(self, exc_type, exc, tb):
+        for sg, h in self.prev.items():
+            signal.signal(sg, h)
+        return exc_type is KeyboardInterrupt and bool(self.got)
+
+
+def _report(sc, opts, out, parts, facts_start, facts_end, workers, n_plan, plots, log, model_note) -> dict:
     rows = [r for p in parts for r in p.rows]
     rows.sort(key=lambda r: r[0])
     lag = np.frombuffer(b"".join(p.lag for p in parts), dtype=np.float64).reshape(-1, 2)
     gaps = np.frombuffer(b"".join(p.itl for p in parts), dtype=np.float64)
-    acc = accuracy(lag, opts, workers, parts, len(rows), len(plan))
+    acc = accuracy(lag, opts, workers, parts, len(rows), n_plan)
     acc["prompt_salt"] = opts.prompt_salt
     if model_note:
         acc["notes"].insert(0, model_note)
@@ -273,7 +316,7 @@ def run_stress(sc, opts: Options, out: Path, workers: int = 1, plots: bool = Tru
     for n in acc["notes"]:
         log(f"note: {n}", file=sys.stderr)
     if opts.progress_file:
-        _write_progress(opts.progress_file, len(rows), len(rows), len(plan), True)
+        _write_progress(opts.progress_file, len(rows), len(rows), n_plan, True)
     return summary
 
 

@@ -349,3 +349,32 @@ def test_cli_writes_the_report(reference, tmp_path):
     s = json.loads((tmp_path / "o" / "summary.json").read_text())
     assert s["source"] == "stress" and s["requests"]["outcomes"] == {"ok": 4}
     assert "## Stress" in (tmp_path / "o" / "report.md").read_text()
+
+
+def test_signal_during_start_up_leaves_a_report_of_unsent_requests(tmp_path):
+    """The server's facts are asked before the first send; a server that accepts and never answers keeps
+    stress run there, and a signal then still ends in a report in which every request is accounted for."""
+    import socket
+    path = write(tmp_path, "s", small(n=12))
+    lsock = socket.socket()
+    lsock.bind(("127.0.0.1", 0))
+    lsock.listen(16)
+    lsock.settimeout(60)
+    port = lsock.getsockname()[1]
+    out = tmp_path / "out"
+    proc = _cli("run", path, "--base-url", f"http://127.0.0.1:{port}", "--out", out, "--no-plots", "-q")
+    try:
+        conn, _ = lsock.accept()  # stress run is asking for /metrics: it is in its start-up
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+        conn.close()
+    finally:
+        lsock.close()
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err
+    df = read_csv(out / "requests.csv")
+    assert sorted(df.request_id) == list(range(12)) and (df.outcome == "not_sent").all()
+    assert (df.error == "interrupted (SIGINT) during start-up").all()
+    assert (out / "summary.json").exists() and (out / "report.md").exists()

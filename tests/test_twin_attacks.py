@@ -19,22 +19,10 @@ import pytest
 from simulator.twin import usage as usage_mod
 from simulator.twin.usage import KILLED, UsageStore, UsageUnavailable
 from test_twin import scenario
-from twin_proc import serve
+from twin_proc import serve, until
 
 BOUND_S = 20.0
 CHAT = {"model": "m1", "messages": [{"role": "user", "content": "hi there"}], "max_tokens": 2}
-
-
-def until(check, what: str, timeout: float = BOUND_S):
-    """Poll `check()` until it returns something true (bounded)."""
-    end = time.monotonic() + timeout
-    while True:
-        got = check()
-        if got:
-            return got
-        if time.monotonic() > end:
-            raise AssertionError(f"timed out waiting for {what} (last: {got!r})")
-        time.sleep(0.02)
 
 
 def records(url) -> list[dict]:

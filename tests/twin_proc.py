@@ -24,6 +24,18 @@ START_S = 30.0
 STOP_S = 20.0
 
 
+def until(check, what: str, timeout: float = 20.0):
+    """Poll `check()` until it returns something true (bounded)."""
+    end = time.monotonic() + timeout
+    while True:
+        got = check()
+        if got:
+            return got
+        if time.monotonic() > end:
+            raise AssertionError(f"timed out waiting for {what} (last: {got!r})")
+        time.sleep(0.02)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
