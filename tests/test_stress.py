@@ -317,6 +317,8 @@ def test_closed_loop_users(reference, tmp_path):
     (["--base-url", "http://127.0.0.1:8000", "--set", "workload.classes[0].arrival.rate=-1"],
      "workload.classes[0].arrival.rate"),
     (["--base-url", "http://127.0.0.1:8000", "--out", "FILE"], "exists and is not a folder"),
+    (["--base-url", "http://127.0.0.1:8000", "--prompt-word", 'say "hi"'], "--prompt-word"),
+    (["--base-url", "http://127.0.0.1:8000", "--prompt-word", ""], "expected 1 to 16 characters"),
 ])
 def test_bad_input_is_one_line(tmp_path, args, needle):
     from typer.testing import CliRunner
@@ -378,3 +380,21 @@ def test_signal_during_start_up_leaves_a_report_of_unsent_requests(tmp_path):
     assert sorted(df.request_id) == list(range(12)) and (df.outcome == "not_sent").all()
     assert (df.error == "interrupted (SIGINT) during start-up").all()
     assert (out / "summary.json").exists() and (out / "report.md").exists()
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--users", "1,x"], "--users"),
+    (["--rates", "0"], "values must be > 0"),
+    (["--api", "grpc"], "unknown API"),
+    (["--set", "workload.classes[0].arrival.users=0"], "users"),
+])
+def test_probe_bad_input_is_one_line(tmp_path, args, needle):
+    """Every probe scenario is checked before the first request is sent."""
+    from typer.testing import CliRunner
+
+    from stress_tester.cli import app
+    result = CliRunner().invoke(app, ["probe", "--base-url", "http://127.0.0.1:9", "--out", str(tmp_path / "o"), *args])
+    assert result.exit_code == 2, result.output
+    lines = [x for x in result.stderr.splitlines() if x.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:") and needle in lines[0], result.stderr
+    assert not (tmp_path / "o").exists()

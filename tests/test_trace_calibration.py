@@ -116,3 +116,20 @@ def test_held_out_errors_stay_within_the_bench_figures(tmp_path):
         for m, quoted in metrics.items():
             assert got[engine][m]["runs"] == 4
             assert got[engine][m]["median_abs_pct"] <= quoted + 5, (engine, m, got[engine][m])
+
+
+def test_runs_without_token_times_or_with_errors_only_are_refused(tmp_path):
+    """A `sim run` folder has no per-token times; a stress run against a closed port has no ok request."""
+    from simulator.run import run_scenario
+    from simulator.scenario import scenario_from_dict
+    from stress_tester.run import run_stress
+    from stress_tester.runner import Options
+    sc = scenario_from_dict({"name": "few", "seed": 3, "num_requests": 6,
+                             "workload": {"classes": [{"name": "c", "arrival": {"type": "poisson", "rate": 50}}]}})
+    run_scenario(sc, tmp_path / "sim", plots=False)
+    run_stress(sc, Options(base_url="http://127.0.0.1:9", grace=0.5, probe=False), tmp_path / "dead", plots=False,
+               log=lambda *a, **k: None)
+    for folder, needle in (("sim", "no per-token times"), ("dead", "no ok request")):
+        r = cli("calibrate", str(tmp_path / folder), "--out", str(tmp_path / f"{folder}.yaml"))
+        assert r.returncode == 2 and needle in r.stderr and r.stderr.count("\n") == 1, r.stderr
+        assert not (tmp_path / f"{folder}.yaml").exists()
