@@ -202,15 +202,7 @@ def calibrate_cmd(steps: List[Path] = typer.Argument(..., help="CSV of observed 
     if len(steps) != 1:
         raise InputError(str(steps[1]), "", "give one STEPS.csv, or only run folders")
     steps = steps[0]
-    if name is None:
-        name = re.sub(r"[^A-Za-z0-9._-]+", "-", Path(steps).stem).strip("-._") or "calibrated"
-        if not name[0].isalnum():
-            name = "p" + name
-    if not _NAME.fullmatch(name):
-        raise InputError("--name", name, "use letters, digits, '.', '_' and '-' (it becomes a file name)")
-    path = out or Path(f"{name}.yaml")  # never into the installed package unless --out says so
-    if path.exists() and not force:
-        raise InputError(path, "--out", "exists; pass --force to overwrite or choose another --out")
+    name, path = _name_and_out(name, Path(steps).stem, out, force)
     text, written, fit_meta = calibrate(steps, name, engine, gpu, tp, model, kv_bytes_per_token, weight_bytes,
                                         parse_fixed(fix))
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -223,10 +215,11 @@ def calibrate_cmd(steps: List[Path] = typer.Argument(..., help="CSV of observed 
 
 
 
-def _calibrate_runs(folders, name, out, sim_engine, budget, force, info, gpu, refine=True):
-    from .calibrate_runs import calibrate_runs
+def _name_and_out(name, default_from: str, out, force: bool) -> tuple[str, Path]:
+    """The profile's name (default: `default_from` made a file name) and the file to write (default
+    ./NAME.yaml, never into the installed package unless --out says so), both checked before any fit."""
     if name is None:
-        name = re.sub(r"[^A-Za-z0-9._-]+", "-", Path(folders[0]).resolve().parent.name).strip("-._") or "calibrated"
+        name = re.sub(r"[^A-Za-z0-9._-]+", "-", default_from).strip("-._") or "calibrated"
         if not name[0].isalnum():
             name = "p" + name
     if not _NAME.fullmatch(name):
@@ -234,6 +227,12 @@ def _calibrate_runs(folders, name, out, sim_engine, budget, force, info, gpu, re
     path = out or Path(f"{name}.yaml")
     if path.exists() and not force:
         raise InputError(path, "--out", "exists; pass --force to overwrite or choose another --out")
+    return name, path
+
+
+def _calibrate_runs(folders, name, out, sim_engine, budget, force, info, gpu, refine=True):
+    from .calibrate_runs import calibrate_runs
+    name, path = _name_and_out(name, Path(folders[0]).resolve().parent.name, out, force)
     text, model, report = calibrate_runs(folders, sim_engine, name, budget, info, gpu, refine)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)

@@ -143,7 +143,8 @@ def calibrate_runs(folders: list, engine: str, name: str, budget: int | None = N
                         "note": "HTTP, tokenisation, detokenisation and streaming around the engine, from TTFT of "
                                 "requests sent to an idle server minus their step"},
            "coefficients": {c: float(f"{getattr(written, c):.4g}") for c in COEFFICIENTS}}
-    refined = refine_by_replay(runs, engine, written, frontend, tuple(sorted(facts.items()))) if refine else None
+    open_loop = [r for r in runs if _open_loop(r)]
+    refined = refine_by_replay(open_loop, engine, written, frontend) if refine and open_loop else None
     if refined is not None:
         alpha, frontend, before, after = refined
         written = CostModel(**{c: float(f"{getattr(written, c) * alpha:.4g}") for c in COEFFICIENTS},
@@ -151,7 +152,7 @@ def calibrate_runs(folders: list, engine: str, name: str, budget: int | None = N
         doc["coefficients"] = {c: getattr(written, c) for c in COEFFICIENTS}
         doc["frontend"]["latency_s"] = float(f"{frontend:.4g}")
         doc["refined_by_replay"] = {"step_scale": round(alpha, 4), "frontend_s": round(frontend, 6),
-                                    "runs": [r.name for r in runs if _open_loop(r)],
+                                    "runs": [r.name for r in open_loop],
                                     "mean_abs_error_pct_before": before, "mean_abs_error_pct_after": after,
                                     "method": "the open-loop calibration runs replayed: one scale on every step "
                                               "coefficient (golden section on TPOT and E2E p50/p95), then the "
@@ -181,7 +182,7 @@ def _pcts(df: pd.DataFrame) -> dict:
     return {(c, q): float(np.nanpercentile(ok[c].to_numpy(float), q)) for c, q in PCT_KEYS}
 
 
-def refine_by_replay(runs, engine: str, model: CostModel, frontend: float, facts) -> tuple | None:
+def refine_by_replay(chosen, engine: str, model: CostModel, frontend: float) -> tuple | None:
     """Replay the open-loop calibration runs and adjust two scalars to their measured percentiles: a scale
     on every step coefficient (queueing and batching turn a few % of step error into more of E2E) and the
     front-end latency. Held-out runs are never given here."""
@@ -189,9 +190,6 @@ def refine_by_replay(runs, engine: str, model: CostModel, frontend: float, facts
 
     from .records import COLUMN_NAMES
     from .replay import simulate_replay
-    chosen = [r for r in runs if _open_loop(r)]
-    if not chosen:
-        return None
     measured = [_pcts(r.requests) for r in chosen]
 
     def errors(alpha, fe):

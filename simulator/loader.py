@@ -17,7 +17,7 @@ from pathlib import Path
 import pandas as pd
 
 from .errors import InputError
-from .records import COLUMN_NAMES, read_csv
+from .records import check_columns, read_csv
 
 FILES = ("requests.parquet", "requests.csv", "summary.json")
 
@@ -39,10 +39,7 @@ def read_parquet(path: Path) -> pd.DataFrame:
         df = pd.read_parquet(path)
     except Exception as exc:  # noqa: BLE001 - any parse failure is a bad input file
         raise InputError(str(path), "", f"cannot read records Parquet: {exc}") from None
-    missing = [c for c in COLUMN_NAMES if c not in df.columns]
-    if missing:
-        raise InputError(str(path), "columns", f"not a servesim records file, missing {missing[:5]}")
-    return df
+    return check_columns(df, path)
 
 
 def load_run(path) -> Run:

@@ -132,6 +132,12 @@ def read_csv(path: Path):
                          dtype=text_cols)
     except Exception as exc:  # noqa: BLE001 - any parse failure is a bad input file
         raise InputError(str(path), "", f"cannot read records CSV: {exc}") from None
+    return check_columns(df, path)
+
+
+def check_columns(df, path):
+    """`df` if it has every record column, else the file's one-line error (CSV and Parquet readers alike)."""
+    from .errors import InputError
     missing = [c for c in COLUMN_NAMES if c not in df.columns]
     if missing:
         raise InputError(str(path), "columns", f"not a servesim records file, missing {missing[:5]}")

@@ -90,7 +90,7 @@ def reconstruct(run: RunFolder, budget: int, window_fraction: float = WINDOW_FRA
     # -- clusters over all chunks in time order
     order = np.argsort(t, kind="stable")
     ts, rs, ns, ks = t[order], rid[order], n[order], before[order]
-    cl_start, members = [], []
+    cl_start = []
     cur, cur_t0 = set(), None
     for i in range(len(ts)):
         if cur_t0 is None or ts[i] - cur_t0 > window or rs[i] in cur:
@@ -102,8 +102,8 @@ def reconstruct(run: RunFolder, budget: int, window_fraction: float = WINDOW_FRA
     c_time = ts[bounds[:-1]]
 
     # -- state at each cluster: active decoders and their context (prefix sums over request first/last times)
-    fs, ls = np.sort(f_arr), np.sort(l_arr)
     f_ord, l_ord = np.argsort(f_arr, kind="stable"), np.argsort(l_arr, kind="stable")
+    fs, ls = f_arr[f_ord], l_arr[l_ord]
     cumP_f = np.r_[0, np.cumsum(P[f_ord])]
     cumP_l = np.r_[0, np.cumsum(P[l_ord])]
     cumO_l = np.r_[0, np.cumsum(out_total[l_ord])]

@@ -79,7 +79,7 @@ class Client:
         self.templates: dict = {}
         self.tokens = TokenLog()  # per-chunk arrivals (request, time, tokens), flushed to disk by the runner
         self.notes: list = []  # said once in the report (e.g. extension fields turned off)
-        self.counts = {"usage_malformed": 0, "usage_exceeds_max_tokens": 0, "output_length_differs": 0}
+        self.counts = {"usage_exceeds_max_tokens": 0, "output_length_differs": 0}
         self.stale_resends = 0  # requests sent again after a reused connection turned out closed
 
     # ------------------------------------------------------------------ one request
@@ -193,23 +193,27 @@ class Client:
         mx = 0.0
         chunks = ntok = 0
 
+        def got(n, now):  # n tokens in at `now`: their gaps, the token log
+            nonlocal last, mx, ntok
+            if last is None:
+                job.first_token = now
+            else:
+                g = now - last
+                gaps.append(g)
+                if g > mx:
+                    mx = g
+            if n > 1:
+                gaps.extend([0.0] * (n - 1))
+            last = now
+            ntok += n
+            log.add(rid, now, n)
+
         def take(obj, now):
-            nonlocal last, mx, chunks, ntok
+            nonlocal chunks
             n = ev(obj, job)
             if n:
-                if last is None:
-                    job.first_token = now
-                else:
-                    g = now - last
-                    gaps.append(g)
-                    if g > mx:
-                        mx = g
-                if n > 1:
-                    gaps.extend([0.0] * (n - 1))
-                last = now
+                got(n, now)
                 chunks += 1
-                ntok += n
-                log.add(rid, now, n)
         try:
             async for data in resp.content.iter_any():
                 if b"\n" not in data:
@@ -252,19 +256,11 @@ class Client:
         if not job.complete:
             raise StreamError(f"stream ended before completion after {ntok} token(s)")
         u = job.usage
-        if u is not None and u > ntok and u <= job.applied_max:
+        if u is not None and ntok < u <= job.applied_max:
             # tokens the server counted but never showed as text (empty-text tokens, a final chunk of several):
             # they had arrived by the last event, so they take its time (zero gaps after it)
-            now = perf_counter() - t0
-            extra = u - ntok
-            if last is None:
-                job.first_token = now
-                gaps.extend([0.0] * (extra - 1))
-            else:
-                gaps.append(now - last)
-                gaps.extend([0.0] * (extra - 1))
-            log.add(rid, now, extra)
-            job.last_token, job.tokens_n = now, u
+            got(u - ntok, perf_counter() - t0)
+            job.last_token, job.tokens_n = last, ntok
         if gaps:
             self.itl.fromlist(gaps)
 

@@ -18,6 +18,7 @@ import json
 import re
 from time import perf_counter
 
+import aiohttp
 import httpx
 
 MAX_BODY = 4 << 20
@@ -170,7 +171,6 @@ async def sample(session, base_url: str, kind: str, t0: float, out: list, stop, 
     else:
         return
     slots_url = base + "/slots" if kind == "llamacpp" else None
-    import aiohttp
     tmo = aiohttp.ClientTimeout(total=min(period, 2.0))
     nxt = perf_counter()
     while not stop.is_set():
@@ -190,9 +190,7 @@ async def sample(session, base_url: str, kind: str, t0: float, out: list, stop, 
                         s = _json(await r.content.read(MAX_BODY)) if r.status == 200 else None
                     if isinstance(s, list):
                         run = sum(1 for x in s if isinstance(x, dict) and x.get("is_processing"))
-        except (asyncio.TimeoutError, OSError, ValueError) as exc:  # a missed sample, not a failed run
-            del exc
-        except Exception:  # noqa: BLE001 - aiohttp client errors
+        except Exception:  # noqa: BLE001 - a missed sample (timeout, refused, bad body), not a failed run
             pass
         if run is not None or wait is not None:
             out.append((round(t, 6), run, wait))

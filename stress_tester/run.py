@@ -300,8 +300,7 @@ def _report(sc, opts, out, parts, facts_start, facts_end, workers, n_plan, plots
     if model_note:
         acc["notes"].insert(0, model_note)
     samples = sorted(x for p in parts for x in (p.samples or ()))
-    server = {"kind": facts_start["kind"], "facts": {**facts_start["facts"], **{k: v for k, v in facts_end["facts"].items()
-                                                                          if k not in facts_start["facts"]}},
+    server = {"kind": facts_start["kind"], "facts": {**facts_end["facts"], **facts_start["facts"]},  # start wins
               "start": facts_start["raw"], "end": facts_end["raw"],
               "samples": [{"t_s": t, "running": r, "waiting": w} for t, r, w in samples]}
     acc["server"] = {"kind": server["kind"], "facts": server["facts"], "gauge_samples": len(samples)}

@@ -24,7 +24,6 @@ import aiohttp
 import numpy as np
 
 from simulator.records import row
-
 from simulator.runfolder import token_part
 
 from .client import Client, Job
@@ -67,7 +66,7 @@ class Part:
     itl: bytes  # float64 pooled inter-token gaps of ok requests
     counters: dict
     stop_reason: str
-    client_rows: list = None  # (request_id, closed_user, prompt_tokens_server, output_tokens_server, finish, chunks)
+    client_rows: list = None  # one tuple per sent request, in CLIENT_COLUMNS + OPTIONAL_CLIENT order (runfolder.py)
     notes: list = None
     samples: list = None  # (t_s, running, waiting) of the server's gauges
 
@@ -92,11 +91,9 @@ def to_part(plan: Plan, jobs: list, itl: bytes, retries: int, stop_reason: str, 
         if j.outcome == "ok":
             if j.first_byte is not None:
                 ttfb.append(j.first_byte - j.arrival)
-            if isinstance(usage, int) and j.stream:
+            if isinstance(usage, int):
                 usage_given += 1
-                mismatch += usage != j.tokens_n
-            elif isinstance(usage, int):
-                usage_given += 1
+                mismatch += j.stream and usage != j.tokens_n
     counters = {"retries": retries, "usage_reported": usage_given, "usage_differs_from_chunks": int(mismatch)}
     if client is not None:
         counters.update(client.counts)

@@ -3,10 +3,7 @@ facts (server.json), its own token counts (client.csv), and answers that are wro
 extension fields refused, streams without [DONE], merged chunks, malformed or absurd usage, endless lines."""
 from __future__ import annotations
 
-import json
-
 import numpy as np
-import pandas as pd
 import pytest
 
 from simulator.records import read_csv

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import resource
-import signal
 import socket
 import subprocess
 import sys
@@ -19,6 +18,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
+
+from twin_server import stop_process
 
 START_S = 30.0
 STOP_S = 20.0
@@ -85,10 +86,4 @@ def serve(scenario_path, tmp: Path, *args: str, db: Path | None = None, out: Pat
             time.sleep(0.05)
         yield srv
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGINT)
-            try:
-                proc.wait(STOP_S)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop_process(proc, STOP_S)

@@ -123,10 +123,15 @@ def _process(path, db, out, seed, sets):
         url = line.split("listening on ", 1)[1].split()[0]
         yield url
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGINT)
-            try:
-                proc.wait(STOP_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop_process(proc, STOP_TIMEOUT_S)
+
+
+def stop_process(proc, timeout: float) -> None:
+    """SIGINT (the server's own shutdown: report, usage flush), SIGKILL if it is not gone within `timeout`."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
