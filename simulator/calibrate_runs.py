@@ -31,6 +31,7 @@ from .tracefit import drop_cached, reconstruct
 # (common/common.h n_batch).
 BUDGETS = {"continuous": 8192, "llamacpp": 2048}
 TRIM_PCT = 35.0
+UBATCH = 512  # llama.cpp's n_ubatch default (common/common.h)
 SHORT_PROMPT = 256  # idle requests this short give the front-end latency
 
 
@@ -60,6 +61,24 @@ def _fit_trimmed(steps: pd.DataFrame, rounds: int = 4, fixed: dict | None = None
     return model, keep, stats
 
 
+def _choose_lag(runs, budget, ubatch):
+    """Steps reconstructed with an emission lag of 0 and of 1 step (tracefit.reconstruct: vLLM's async
+    scheduling sends a step's tokens at the end of the next one); the lag whose steps the cost model fits
+    better (median absolute error over all steps, none trimmed) is kept."""
+    best, scores = None, {}
+    for lag in (0, 1):
+        parts = [reconstruct(r, budget, ubatch=ubatch, emit_lag=lag) for r in runs]
+        steps = pd.concat([p.steps for p in parts], ignore_index=True)
+        if len(steps) < 50:
+            return parts, steps, None, None, scores
+        model, keep, _ = _fit_trimmed(steps)
+        score = float(np.median(np.abs(evaluate(model, steps)["error_pct"])))
+        scores[lag] = round(score, 2)
+        if best is None or score < best[0]:
+            best = (score, parts, steps, model, keep)
+    return (*best[1:], scores)
+
+
 def _need(cond: bool, folder: str, term: str, why: str):
     if not cond:
         raise InputError(folder, term, why)
@@ -73,8 +92,10 @@ def calibrate_runs(folders: list, engine: str, name: str, budget: int | None = N
     runs = [load_run_folder(f) for f in folders]
     where = ", ".join(str(f) for f in folders)
     kinds = sorted({r.kind for r in runs})
-    parts = [reconstruct(r, budget) for r in runs]
-    steps = pd.concat([p.steps for p in parts], ignore_index=True)
+    # llama.cpp: forward passes per step from the slot of each request (llama-server's defaults for an
+    # explicit --parallel N: n_ubatch 512, one KV stream per slot; engines/llamacpp_batch.py)
+    ubatch = (UBATCH, False) if engine == "llamacpp" else None
+    parts, steps, model, keep, lag_scores = _choose_lag(runs, budget, ubatch)
     idle = pd.concat([p.idle.assign(run=p.name) for p in parts], ignore_index=True)
     _need(len(steps) >= 50, where, "tokens.parquet", f"only {len(steps)} measurable engine steps in these runs; "
           "run the decode probes (stress probe, probe_decode at several users)")
@@ -87,19 +108,21 @@ def calibrate_runs(folders: list, engine: str, name: str, budget: int | None = N
     _need(len(idle) >= 3, where, "frontend", "no request was sent to an idle server: run probe_prefill "
           "(concurrency 1) so the front-end latency can be told from step time")
 
-    # 1. step terms from the busy steps
-    model, keep, _ = _fit_trimmed(steps)
-    decode_only = model.step_times(np.zeros(len(steps)), np.zeros(len(steps)), steps["n_decode"], steps["decode_ctx"])
+    # 1. step terms from the busy steps (fitted while choosing the emission lag)
+    decode_only = model.step_times(np.zeros(len(steps)), np.zeros(len(steps)), steps["n_decode"], steps["decode_ctx"],
+                                   1 + steps["extra_passes"].to_numpy())
     cached = drop_cached(steps, decode_only).to_numpy()
     # 2. front-end latency from short idle requests: TTFT - their (known) step
     short = idle[idle["prompt"] <= SHORT_PROMPT]
     base = short if len(short) >= 3 else idle.nsmallest(max(3, len(idle) // 4), "prompt")
-    pred = model.step_times(base["prompt"], base["prompt"] ** 2, np.zeros(len(base)), np.zeros(len(base)))
+    pred = (model.step_times(base["prompt"], base["prompt"] ** 2, np.zeros(len(base)), np.zeros(len(base)))
+            + model.slot_save_s * base["save_tokens"].to_numpy())
     frontend = float(max(0.0, np.median(base["ttft_s"].to_numpy() - pred)))
     # 3. long idle prompts: prefill steps measured end to end
     long = idle[idle["prompt"] > SHORT_PROMPT]
     pf = pd.DataFrame({"prefill_tokens": long["prompt"], "prefill_attn": long["prompt"].astype(float) ** 2,
                        "n_decode": 0, "decode_ctx": 0.0, "time_s": long["ttft_s"] - frontend, "t_s": np.nan,
+                       "extra_passes": 0, "save_tokens": long["save_tokens"],
                        "run": long["run"]})
     pf = pf[pf["time_s"] > 0]
     table = pd.concat([steps[~cached], pf], ignore_index=True)
@@ -115,7 +138,8 @@ def calibrate_runs(folders: list, engine: str, name: str, budget: int | None = N
     if stats.get("held_at_zero"):
         fit_meta["held_at_zero"] = stats["held_at_zero"]
     fe_err = base["ttft_s"].to_numpy() - frontend - written.step_times(base["prompt"], base["prompt"] ** 2,
-                                                                        np.zeros(len(base)), np.zeros(len(base)))
+                                                                        np.zeros(len(base)), np.zeros(len(base))) \
+        - written.slot_save_s * base["save_tokens"].to_numpy()
     facts = {}
     for r in runs:
         for k, v in r.facts.items():
@@ -127,6 +151,8 @@ def calibrate_runs(folders: list, engine: str, name: str, budget: int | None = N
         m = (table["run"] == rn).to_numpy() & keep
         per_run[str(rn)] = {"steps": int(m.sum()), "median_error_pct": round(float(np.median(evall["error_pct"][m])), 2)
                             if m.any() else None}
+    fit_meta["emit_lag_steps"] = parts[0].info["emit_lag_steps"]
+    fit_meta["median_abs_error_pct_by_emit_lag"] = lag_scores
     report = {"fit": fit_meta, "frontend_s": round(frontend, 6),
               "frontend_fit": {"requests": int(len(base)), "median_abs_ms": round(float(np.median(np.abs(fe_err))) * 1e3, 3)},
               "runs": [p.info for p in parts], "per_run": per_run, "server_kinds": list(kinds), "facts": facts,

@@ -9,6 +9,13 @@ server) drives static batching, continuous batching and llama.cpp slots alike:
          + prefill_attn_s * prefill_attn                                      # Σ chunk * (context_before + chunk)
          + decode_ctx_s * decode_ctx                                          # Σ context read by decodes
          + decode_seq_s * n_decode                                            # per-sequence sampling etc.
+         + ubatch_s * (passes - 1)                                            # forward passes beyond the first
+
+`passes` is how many forward passes (ubatches) the step's batch is cut into. vLLM runs one per step. llama.cpp
+cuts a batch into ubatches of at most n_ubatch tokens (llama-context.cpp decode), and with one KV stream per
+slot (llama-server's default for an explicit `--parallel N`) a ubatch holds only slots of consecutive ids
+(llama-kv-cache.cpp init_batch -> llama-batch.cpp split_equal(sequential)), so busy slots 0,1,2,5 decode in
+two passes; each pass launches the whole graph and reads the weights again (engines/llamacpp_batch.py).
 
 The `max` is a roofline: small steps are bound by reading the weights once, large ones by
 matrix-multiply throughput. All coefficients are seconds.
@@ -22,7 +29,8 @@ from pathlib import Path
 import numpy as np
 
 PROFILE_DIR = Path(__file__).parent / "profiles"
-COEFFICIENTS = ("overhead_s", "prefill_overhead_s", "weights_s", "linear_per_token_s", "prefill_attn_s", "decode_ctx_s", "decode_seq_s")
+COEFFICIENTS = ("overhead_s", "prefill_overhead_s", "weights_s", "linear_per_token_s", "prefill_attn_s", "decode_ctx_s",
+                "decode_seq_s", "ubatch_s", "slot_save_s")
 
 
 @dataclass(frozen=True)
@@ -34,6 +42,10 @@ class CostModel:
     prefill_attn_s: float = 1.0e-9
     decode_ctx_s: float = 2.0e-8
     decode_seq_s: float = 1.0e-4
+    ubatch_s: float = 0.0
+    # llama.cpp only: seconds per token to copy an idle slot's KV state into the host prompt cache, which
+    # llama-server does for every idle slot not yet cached each time it launches a task (engines/llamacpp.py)
+    slot_save_s: float = 0.0
     # KV bytes per token and weight bytes let engines derive KV capacity from GPU memory.
     kv_bytes_per_token: int = 131072
     weight_bytes: int = 16_000_000_000
@@ -44,22 +56,27 @@ class CostModel:
     frontend_per_token_s: float = 0.0
     meta: dict = field(default_factory=dict, compare=False)
 
-    def step_time(self, prefill_tokens: float, prefill_attn: float, n_decode: float, decode_ctx: float) -> float:
+    def step_time(self, prefill_tokens: float, prefill_attn: float, n_decode: float, decode_ctx: float,
+                  passes: int = 1) -> float:
         linear = self.linear_per_token_s * (prefill_tokens + n_decode)
         if linear < self.weights_s:
             linear = self.weights_s
-        return (self.overhead_s + (self.prefill_overhead_s if prefill_tokens > 0 else 0.0)
-                + linear + self.prefill_attn_s * prefill_attn
-                + self.decode_ctx_s * decode_ctx + self.decode_seq_s * n_decode)
+        t = (self.overhead_s + (self.prefill_overhead_s if prefill_tokens > 0 else 0.0)
+             + linear + self.prefill_attn_s * prefill_attn
+             + self.decode_ctx_s * decode_ctx + self.decode_seq_s * n_decode)
+        return t + self.ubatch_s * (passes - 1) if passes > 1 else t
 
-    def step_times(self, prefill_tokens, prefill_attn, n_decode, decode_ctx) -> np.ndarray:
+    def step_times(self, prefill_tokens, prefill_attn, n_decode, decode_ctx, passes=1) -> np.ndarray:
         """Vectorised step_time over arrays (fast-forward and fitting)."""
         pf = np.asarray(prefill_tokens, dtype=float)
         tokens = pf + np.asarray(n_decode, dtype=float)
         linear = np.maximum(self.weights_s, self.linear_per_token_s * tokens)
-        return (self.overhead_s + self.prefill_overhead_s * (pf > 0) + linear + self.prefill_attn_s * np.asarray(prefill_attn, dtype=float)
-                + self.decode_ctx_s * np.asarray(decode_ctx, dtype=float)
-                + self.decode_seq_s * np.asarray(n_decode, dtype=float))
+        t = (self.overhead_s + self.prefill_overhead_s * (pf > 0) + linear + self.prefill_attn_s * np.asarray(prefill_attn, dtype=float)
+             + self.decode_ctx_s * np.asarray(decode_ctx, dtype=float)
+             + self.decode_seq_s * np.asarray(n_decode, dtype=float))
+        if self.ubatch_s and np.any(np.asarray(passes) > 1):
+            t = t + self.ubatch_s * (np.asarray(passes, dtype=float) - 1)
+        return t
 
     def prefill_time(self, prompt_lens) -> float:
         """A whole-prompt prefill of a batch (static batching)."""

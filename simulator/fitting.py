@@ -27,10 +27,34 @@ _LINEAR = {"overhead_s": lambda df: np.ones(len(df)),
            "prefill_overhead_s": lambda df: (df["prefill_tokens"].to_numpy(float) > 0).astype(float),
            "prefill_attn_s": lambda df: df["prefill_attn"].to_numpy(float),
            "decode_ctx_s": lambda df: df["decode_ctx"].to_numpy(float),
-           "decode_seq_s": lambda df: df["n_decode"].to_numpy(float)}
+           "decode_seq_s": lambda df: df["n_decode"].to_numpy(float),
+           "ubatch_s": lambda df: _extra_passes(df),
+           "slot_save_s": lambda df: _save_tokens(df)}
 # A coefficient whose term is below this fraction of every observed step is noise from the
 # optimiser (e.g. 1e-22 s), not a measurement, and is written as 0.
 _NEGLIGIBLE = 1e-6
+
+
+def _extra_passes(df: pd.DataFrame) -> np.ndarray:
+    """Forward passes beyond the first per step (optional column: llama.cpp with known slots)."""
+    if "extra_passes" in df.columns:
+        return df["extra_passes"].to_numpy(float)
+    return np.zeros(len(df))
+
+
+def _save_tokens(df: pd.DataFrame) -> np.ndarray:
+    """Tokens of idle slots saved to llama-server's prompt cache before the step (optional column); their
+    copy stalls the server loop, so it lies inside the measured interval but outside step_time."""
+    if "save_tokens" in df.columns:
+        return df["save_tokens"].to_numpy(float)
+    return np.zeros(len(df))
+
+
+def measured_interval(model: CostModel, df: pd.DataFrame) -> np.ndarray:
+    """What one row's time_s covers: the step, and any prompt-cache save that stalled the loop before it."""
+    t = model.step_times(df["prefill_tokens"], df["prefill_attn"], df["n_decode"], df["decode_ctx"],
+                         1 + _extra_passes(df))
+    return t + model.slot_save_s * _save_tokens(df) if model.slot_save_s else t
 
 
 def _check(df: pd.DataFrame) -> pd.DataFrame:
@@ -45,15 +69,13 @@ def _check(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def predict(coeffs: dict, df: pd.DataFrame) -> np.ndarray:
-    return CostModel(**coeffs).step_times(df["prefill_tokens"], df["prefill_attn"], df["n_decode"],
-                                          df["decode_ctx"])
+    return measured_interval(CostModel(**coeffs), df)
 
 
 def evaluate(cost_model: CostModel, df: pd.DataFrame) -> pd.DataFrame:
     """The table with `predicted_s` and signed `error_pct` (100 * (predicted - measured) / measured)."""
     out = _check(df).copy()
-    out["predicted_s"] = cost_model.step_times(df["prefill_tokens"], df["prefill_attn"], df["n_decode"],
-                                               df["decode_ctx"])
+    out["predicted_s"] = measured_interval(cost_model, df)
     out["error_pct"] = 100.0 * (out["predicted_s"] - out["time_s"]) / out["time_s"]
     return out
 
@@ -151,14 +173,19 @@ def _unidentifiable(df: pd.DataFrame, fixed: dict) -> dict:
     prefill_overhead_s is only separable from overhead_s when the table has steps both with
     and without prefill tokens; otherwise the shared constant stays in overhead_s, which
     every step pays (the honest reading of a table that cannot tell the two apart)."""
+    held = {}
+    if "ubatch_s" not in fixed and not (_extra_passes(df) > 0).any():
+        held["ubatch_s"] = "no step ran as more than one forward pass"
+    if "slot_save_s" not in fixed and not (_save_tokens(df) > 0).any():
+        held["slot_save_s"] = "no step followed a save of idle slots to a prompt cache"
     if "prefill_overhead_s" in fixed:
-        return {}
+        return held
     has_prefill = df["prefill_tokens"].to_numpy(float) > 0
     if has_prefill.all():
-        return {"prefill_overhead_s": "every step holds prefill tokens, so it cannot be told from overhead_s"}
-    if not has_prefill.any():
-        return {"prefill_overhead_s": "no step holds prefill tokens"}
-    return {}
+        held["prefill_overhead_s"] = "every step holds prefill tokens, so it cannot be told from overhead_s"
+    elif not has_prefill.any():
+        held["prefill_overhead_s"] = "no step holds prefill tokens"
+    return held
 
 
 def fit(df: pd.DataFrame, fixed: dict | None = None, base: CostModel | None = None) -> tuple[CostModel, dict]:

@@ -312,6 +312,9 @@ class Engine(Strict):
     n_parallel: PosInt = 4
     n_ctx: PosInt = 8192
     n_batch: PosInt = 2048
+    n_ubatch: PosInt = 512  # llama.cpp's physical batch (common/common.h)
+    kv_unified: bool = False  # one KV buffer for all slots (-kvu); llama-server's default for an explicit -np N is one stream per slot
+    cache_idle_slots: bool = True  # llama-server copies idle slots to its host prompt cache at each task launch
 
 
 class ModelPoolEntry(Strict):

@@ -58,7 +58,63 @@ def _requests(run: RunFolder) -> pd.DataFrame:
     return ok.set_index("request_id")
 
 
-def reconstruct(run: RunFolder, budget: int, window_fraction: float = WINDOW_FRACTION) -> RunSteps:
+def _extra_passes(req, f_arr, l_arr, c_time, probe, firsts, budget, ubatch) -> np.ndarray | None:
+    """Forward passes beyond the first of each step, from the slot that ran each request (client.csv
+    `server_slot`, llama-server's id_slot): the decoding slots at the step and the prompts whose first
+    token it emitted, cut as llama.cpp cuts a batch (engines/llamacpp_batch.py)."""
+    if ubatch is None or "server_slot" not in req.columns:
+        return None
+    slot = pd.to_numeric(req["server_slot"], errors="coerce").to_numpy()
+    if np.isnan(slot).any():
+        return None
+    from .engines.llamacpp_batch import passes
+    slot = slot.astype(np.int64)
+    n_ubatch, unified = ubatch
+    f_ord, l_ord = np.argsort(f_arr, kind="stable"), np.argsort(l_arr, kind="stable")
+    active: dict = {}
+    a = b = 0
+    out = np.zeros(len(c_time), dtype=np.int64)
+    for j in range(len(c_time)):
+        while a < len(f_ord) and f_arr[f_ord[a]] < probe[j]:
+            active[f_ord[a]] = slot[f_ord[a]]
+            a += 1
+        while b < len(l_ord) and l_arr[l_ord[b]] < probe[j]:
+            active.pop(l_ord[b], None)
+            b += 1
+        dec = sorted(active.values())
+        room = max(1, budget - len(dec))
+        pre = sorted((int(slot[q]), int(min(req["P"].iat[q], room))) for q in firsts[j])
+        out[j] = passes(dec, pre, n_ubatch, unified) - 1
+    return out
+
+
+def _slot_saves(start, l_arr, tokens, c_time, window, nc) -> np.ndarray:
+    """Tokens llama-server copied to its prompt cache when it launched each request: every slot that went
+    idle since the previous launch (its prompt and output), as its cache_idle_slots does on a new task
+    (server-context.cpp, common.h cache_idle_slots = true, cache_ram_mib 8192). A launch happens in the
+    loop between two steps, so it stalls the step that starts the request's prompt."""
+    saves = np.zeros(len(start))
+    ends = np.argsort(l_arr, kind="stable")
+    k, pool = 0, 0.0
+    for q in np.argsort(start, kind="stable"):
+        j = start[q]
+        edge = c_time[j - 1] + window / 2 if j > 0 else -np.inf
+        while k < len(ends) and l_arr[ends[k]] < edge:
+            pool += tokens[ends[k]]
+            k += 1
+        saves[q], pool = pool, 0.0
+    return saves
+
+
+def reconstruct(run: RunFolder, budget: int, window_fraction: float = WINDOW_FRACTION,
+                ubatch: tuple | None = None, emit_lag: int = 0) -> RunSteps:
+    """`ubatch` = (n_ubatch, kv_unified) for llama.cpp: with the server's slot of every request known, each
+    step also gets `extra_passes`. `emit_lag`: steps between the step that computes a token and the one
+    whose end sends it. vLLM's async scheduling (on by default since it exists: vllm/config/vllm.py
+    `async_scheduling = True` unless incompatible) runs step k+1 before step k's sampled tokens go out, so
+    the tokens reaching the client at one time are step k's while the interval before them is step k+1:
+    a prompt whose first token arrives with cluster j was computed in the interval ending at cluster j-1.
+    calibrate_runs tries 0 and 1 and keeps the one the steps fit better."""
     tok = read_tokens(run.path)
     req = _requests(run)
     tok = tok[tok["request_id"].isin(req.index) & (tok["n_tokens"] > 0)]
@@ -131,29 +187,45 @@ def reconstruct(run: RunFolder, budget: int, window_fraction: float = WINDOW_FRA
             if ns[i] > 1:
                 multi[j] = True
     # -- prefill attribution, decodes first then prompt tokens up to the budget, walking back for long prompts
-    for j in range(nc):
-        for q in firsts[j]:
+    start = np.zeros(len(P), dtype=np.int64)  # the step each prompt started in
+    sent_at = req["arrival_s"].to_numpy(float)
+    for jc in range(nc):
+        j = max(0, jc - emit_lag)  # the step that computed the prompt's end (and sampled its first token)
+        for q in firsts[jc]:
             left = int(P[q])
             jj = j
+            start[q] = j
+            sent = sent_at[q]
             while left > 0 and jj >= 0:
                 room = budget - int(n_active[jj]) - int(pf_tokens[jj])
-                if jj < j and (n_active[jj] == 0 and jj > 0 and c_time[jj] - c_time[jj - 1] > 4 * med_gap):
+                if jj < jc and (n_active[jj] == 0 and jj > 0 and c_time[jj] - c_time[jj - 1] > 4 * med_gap):
                     break  # the engine was idle before: the rest was computed in a step we did not see end
-                take = left if jj == j and room >= left else max(0, min(left, room))
-                if take <= 0 and jj == j and pf_tokens[jj] == 0:
-                    take = min(left, budget)  # a budget smaller than assumed: keep it in the emitting step
+                if jj < jc and (jj == 0 or c_time[jj - 1] < sent):
+                    break  # that step began before the request was sent: none of its prompt is in it
+                take = left if jj == jc and room >= left else max(0, min(left, room))
+                if take <= 0 and jj == jc and pf_tokens[jj] == 0:
+                    take = min(left, budget)  # a budget smaller than assumed: keep it in the step
                 ctx_before = left - take
+                if take > 0:
+                    start[q] = jj
                 pf_tokens[jj] += take
                 pf_attn[jj] += take * (ctx_before + take)
                 left -= take
                 jj -= 1
+    extra = _extra_passes(req, f_arr, l_arr, c_time, probe, firsts, budget, ubatch)
+    saves = _slot_saves(start, l_arr, P + out_total, c_time, window, nc) if ubatch is not None else None
+    step_save = np.zeros(nc)
+    if saves is not None:
+        np.add.at(step_save, start, saves)
     for j in range(1, nc):
         d = c_time[j] - c_time[j - 1]
         busy = n_active[j] > 0
         clean = (not multi[j]) and emit_dec[j] == n_active[j]
         if busy and clean and d > 0:
-            rows.append((int(pf_tokens[j]), float(pf_attn[j]), int(n_active[j]), float(ctx[j]), d, c_time[j]))
-    steps = pd.DataFrame(rows, columns=["prefill_tokens", "prefill_attn", "n_decode", "decode_ctx", "time_s", "t_s"])
+            rows.append((int(pf_tokens[j]), float(pf_attn[j]), int(n_active[j]), float(ctx[j]), d, c_time[j],
+                         int(extra[j]) if extra is not None else 0, float(step_save[j])))
+    steps = pd.DataFrame(rows, columns=["prefill_tokens", "prefill_attn", "n_decode", "decode_ctx", "time_s", "t_s",
+                                        "extra_passes", "save_tokens"])
     steps["run"] = run.name
 
     # -- requests sent to an idle server: nothing else in flight from their send to their first token
@@ -169,11 +241,11 @@ def reconstruct(run: RunFolder, budget: int, window_fraction: float = WINDOW_FRA
         else:
             overlap = np.sum((f_arr < ft) & (l_arr > s)) - 1
         if overlap == 0:
-            idle.append((int(P[q]), float(ttft[q])))
-    idle_df = pd.DataFrame(idle, columns=["prompt", "ttft_s"])
+            idle.append((int(P[q]), float(ttft[q]), float(saves[q]) if saves is not None else 0.0))
+    idle_df = pd.DataFrame(idle, columns=["prompt", "ttft_s", "save_tokens"])
     info = {"run": run.name, "chunks": int(len(ts)), "clusters": int(nc), "steps": int(len(steps)),
             "window_ms": round(window * 1e3, 3), "median_gap_ms": round(med_gap * 1e3, 3),
-            "requests": int(len(req)), "idle_requests": int(len(idle_df))}
+            "requests": int(len(req)), "idle_requests": int(len(idle_df)), "emit_lag_steps": emit_lag}
     return RunSteps(run.name, steps, idle_df, info)
 
 

@@ -8,6 +8,17 @@
 - Each iteration builds one batch: every generating slot adds its one sampled token, then slots still
   processing their prompt add prompt tokens, in slot order, until the batch holds `n_batch` tokens.
   A slot whose prompt completes in a batch samples its first token at the end of that batch.
+- The batch runs as one or more forward passes (ubatches): at most `n_ubatch` tokens each, and with one KV
+  stream per slot (`kv_unified: false`, llama-server's default for an explicit `--parallel N`) only slots of
+  consecutive ids share a pass (llamacpp_batch.py). Which slot a request gets therefore matters: a free slot
+  is picked as llama-server's get_available_slot does (server-context.cpp): the longest cached prompt
+  prefix over slot_prompt_similarity, else the least recently used; among never-used slots (t_last_used
+  -1 ties, compared with `<=`) the highest id.
+- Launching a task stalls the server loop while idle slots are copied to the host prompt cache: with
+  `cache_idle_slots` (llama-server's default, with --cache-ram 8192 MiB) every idle slot whose prompt and
+  output are not cached yet, else only the slot picked by LRU (server-context.cpp get_available_slot
+  prompt_save, and the cache_idle_slots loop after launch_slot_with_task). The copy costs the profile's
+  `slot_save_s` per token (measured on an H200: 106 us per token of Llama-3-8B f16 KV).
 - With `prefix_caching` (llama.cpp's `cache_prompt`), a slot keeps the prompt it last served; a new
   request goes to the free slot sharing the longest prefix with it (if that covers over 10% of the
   prompt, llama.cpp's slot_prompt_similarity), else to the least recently used free slot, and only the
@@ -25,6 +36,7 @@ import numpy as np
 from ..errors import InputError
 from . import ENGINES
 from .base import EngineBase
+from .llamacpp_batch import passes
 
 SLOT_PROMPT_SIMILARITY = 0.1  # llama-server's default --slot-prompt-similarity
 
@@ -38,10 +50,20 @@ class LlamaCpp(EngineBase):
         self.n_slots = cfg.n_parallel
         self.slot_ctx = cfg.n_ctx // cfg.n_parallel
         self.n_batch = cfg.n_batch
+        self.n_ubatch = cfg.n_ubatch
+        self.unified = cfg.kv_unified
+        self.passes = 0
         self.prompt_cache = cfg.prefix_caching
         self.slots: list = [None] * self.n_slots
         self.limit = [0] * self.n_slots  # tokens the slot's request will generate (its target, capped by context)
-        self.last_used = [-1.0] * self.n_slots
+        # (release time, release order): llama-server stamps t_last_used with ggml_time_us at release, and
+        # releases slots in id order, so of two slots freed in one step the lower id is older; never-used
+        # slots tie at -1 and its `<=` scan ends on the highest id
+        self.last_used = [(-1.0, -i) for i in range(self.n_slots)]
+        self.released = 0
+        self.unsaved = [0] * self.n_slots  # tokens of an idle slot not yet copied to the prompt cache
+        self.save_all = cfg.cache_idle_slots
+        self.save_s = 0.0
         self.slot_prefix: list = [None] * self.n_slots  # prefix hashes of the prompt a slot last held
         self.t = 0.0  # this engine's clock: all recorded times are sums on it, never env.now
         self.q_tokens = 0  # prompt tokens waiting in the queue (for kv_load)
@@ -89,6 +111,7 @@ class LlamaCpp(EngineBase):
         st["slots"] = {"n_parallel": self.n_slots, "slot_ctx": self.slot_ctx, "n_batch": self.n_batch,
                        "utilisation": round(self.slot_busy_s / span, 6) if span > 0 else 0.0,
                        "max_busy": self.max_busy, "max_step_prompt_tokens": self.max_step_prompt,
+                       "forward_passes": self.passes, "prompt_cache_save_s": round(self.save_s, 6),
                        "context_errors": self.context_errors, "truncated_at_context": self.truncated,
                        "prompt_cache_hit_tokens": self.cache_hit_tokens}
         return st
@@ -115,8 +138,22 @@ class LlamaCpp(EngineBase):
                     best, hit = s, c
             if best >= 0 and hit > SLOT_PROMPT_SIMILARITY * req.prompt:
                 return best, hit
-        s = min(free, key=lambda i: (self.last_used[i], i))
+        s = min(free, key=self.last_used.__getitem__)
         return s, (self._cached(req, s) if self.prompt_cache else 0)
+
+    def _save(self, s):
+        """The loop stalls while idle slots' KV state is copied to the prompt cache (at a task launch)."""
+        u = self.unsaved
+        n = sum(u) if self.save_all else u[s]  # busy slots hold 0: they are marked at release
+        if self.save_all:
+            self.unsaved = [0] * self.n_slots
+        else:
+            u[s] = 0
+        if n:
+            dt = self.cost.slot_save_s * n
+            self.t += dt
+            self.busy_s += dt
+            self.save_s += dt
 
     def _fill(self):
         """Free slots take waiting requests (llama.cpp launches tasks before building the batch)."""
@@ -132,6 +169,8 @@ class LlamaCpp(EngineBase):
                 world.finish(req, "http_error", t)
                 continue
             s, cached = self._pick_slot(req)
+            if self.cost.slot_save_s:
+                self._save(s)
             self.slots[s] = req
             self.limit[s] = min(req.target, self.slot_ctx - req.prompt)
             req.prefilled = req.cached = cached
@@ -157,7 +196,9 @@ class LlamaCpp(EngineBase):
             else:
                 continue
             slots[s] = None
-            self.last_used[s] = t
+            self.last_used[s] = (t, self.released)
+            self.unsaved[s] = r.prompt + r.generated
+            self.released += 1
             self.slot_prefix[s] = r.prefix_hashes
             done = True
         if done:
@@ -209,7 +250,9 @@ class LlamaCpp(EngineBase):
             budget -= c
             ptoks += c
             pattn += c * (r.prefilled + c)
-        dt = self.cost.step_time(ptoks, pattn, len(decs), dctx)
+        np_ = passes(decs, chunks, self.n_ubatch, self.unified)
+        self.passes += np_
+        dt = self.cost.step_time(ptoks, pattn, len(decs), dctx, np_)
         t0 = self.t
         t1 = t0 + dt
         yield env.timeout(max(0.0, t1 - env.now))
@@ -245,7 +288,8 @@ class LlamaCpp(EngineBase):
         n = len(rs)
         k = min(self.limit[s] - slots[s].generated for s in decs) if self.cfg.fast_forward else 1
         ctx = sum(r.prompt + r.generated for r in rs)
-        times = self.cost.step_times(0, 0, n, ctx + n * np.arange(k))
+        np_ = passes(decs, (), self.n_ubatch, self.unified)
+        times = self.cost.step_times(0, 0, n, ctx + n * np.arange(k), np_)
         t0 = self.t
         ends = np.cumsum(np.concatenate(((t0,), times)))[1:]  # in-order sums: the step-by-step clock exactly
         dmin = min(r.deadline for r in rs)
@@ -263,6 +307,7 @@ class LlamaCpp(EngineBase):
             yield env.timeout(max(0.0, end - env.now))
         times = times[:k]
         self._account(t0, end, k, n, n, 0)
+        self.passes += np_ * k
         ns = sum(r.stream for r in rs)
         if ns:
             world.add_itl(times, ns)
