@@ -63,7 +63,7 @@ def reconstruct(run: RunFolder, budget: int, window_fraction: float = WINDOW_FRA
     req = _requests(run)
     tok = tok[tok["request_id"].isin(req.index) & (tok["n_tokens"] > 0)]
     if len(req) < 2 or len(tok) < 10:
-        raise InputError(str(run.path), "tokens.parquet", f"too few streamed ok requests with token times "
+        raise InputError(run.label, "tokens.parquet", f"too few streamed ok requests with token times "
                                                             f"({len(req)} requests, {len(tok)} chunks)")
     tok = tok.sort_values(["request_id", "t_s"], kind="stable")
     rid = tok["request_id"].to_numpy()
@@ -75,7 +75,7 @@ def reconstruct(run: RunFolder, budget: int, window_fraction: float = WINDOW_FRA
     before -= np.repeat(before[starts], np.diff(np.r_[starts, len(n)]))
     gaps = np.diff(t)[~new_req[1:]]
     if not len(gaps):
-        raise InputError(str(run.path), "tokens.parquet", "no request received more than one chunk")
+        raise InputError(run.label, "tokens.parquet", "no request received more than one chunk")
     med_gap = float(np.median(gaps))
     window = max(2e-4, window_fraction * med_gap)
 
