@@ -24,7 +24,9 @@ time); TTFT as in the file; chunk arrivals = send + ttft + cumsum(itls) (tokens.
 chunk, the tokens usage counted beyond the chunks on the chunks after the longest gaps: _tokens_per_chunk);
 E2E = ttft + sum(itls) (vLLM's own `latency`); TPOT = (E2E − TTFT)/(output − 1), vLLM's and METRICS.md's.
 `request_rate` inf with `--max-concurrency C` is a closed loop of C users without think time (the
-semaphore); any other setting is open loop at the measured sends.
+semaphore); any other setting is open loop at the measured sends (with a finite rate and
+`--max-concurrency`, a request's wait for the semaphore is kept as scheduled_s = send − queue time, but
+the replay sends at the measured send and does not model that wait).
 
 **Without `start_times`** (files from vLLM before PR #32667) the send times are only recoverable where the
 client's schedule is deterministic: `request_rate` inf sends everything at once, or, with
@@ -54,6 +56,7 @@ REQUIRED = ("ttfts", "itls", "input_lens", "output_lens")
 OPTIONAL = ("start_times", "latencies", "queue_times", "errors")
 CLASS = "bench"
 LIMIT = "SERVESIM_MAX_BENCH_BYTES"
+CLIENT_TIMEOUT_S = 6 * 3600.0  # the benchmark client's aiohttp timeout (endpoint_request_func.py AIOHTTP_TIMEOUT)
 
 
 # ------------------------------------------------------------------ reading and checking
@@ -236,8 +239,10 @@ def scenario_dict(name: str, r: dict, span: float) -> dict:
     return {"name": name, "description": f"imported from vLLM bench serve ({s.get('date', 'undated')}, "
                                          f"model {s.get('model_id', '?')}): replay it, do not rerun it",
             "seed": 0, "num_requests": n, "duration_s": max(round(span, 3), 1e-3), "warmup_s": 0.0,
+            # the gateway caps max_tokens at max_max_tokens: never below what the server generated
+            "tenants": {"models": [{"name": "default", "max_max_tokens": int(max(4096, o.max()))}]},
             "workload": {"classes": [{
-                "name": CLASS, "arrival": arrival, "stream": True,
+                "name": CLASS, "arrival": arrival, "stream": True, "timeout_s": CLIENT_TIMEOUT_S,
                 "prompt_tokens": {"type": "lognormal", "mean": max(1.0, float(p.mean())), "min": 1,
                                   "max": int(max(1, p.max()))},
                 "output_tokens": {"type": "lognormal", "mean": max(1.0, float(o.mean())), "min": 1,
@@ -253,7 +258,8 @@ def build(path: str | Path, kind: str = "vllm") -> dict:
     path = Path(path)
     r = read_result(path)
     n, ttft, itls = r["n"], r["ttfts"], r["itls"]
-    errors = r.get("errors") or ["" if t > 0 else "no first token (ttfts 0.0)" for t in ttft]
+    errors = r.get("errors") or ["" if t > 0 else "Never received a valid chunk (ttfts 0.0; the file has no errors list)"
+                                 for t in ttft]
     outcomes = [_outcome(e) for e in errors]
     ok = np.array([o == "ok" for o, _ in outcomes])
     e2e = ttft + np.array([g.sum() for g in itls])

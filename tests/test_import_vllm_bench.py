@@ -108,6 +108,10 @@ def test_import_gives_back_the_measured_requests(tmp_path):
     assert run.kind == "vllm" and run.server["source"] == "vllm-bench"
     assert run.server["send_times"].startswith("measured") and run.facts["model_id"] == d["model_id"]
     assert run.scenario_data["workload"]["classes"][0]["arrival"] == {"type": "poisson", "rate": 4.0}
+    r = sim("import", "vllm-bench", tmp_path / "r4.json", "--out", tmp_path / "again", "--no-plots")
+    assert r.returncode == 0, r.stderr
+    for f in ("requests.csv", "client.csv", "tokens.parquet", "server.json", "scenario.yaml", "summary.json"):
+        assert (tmp_path / "run" / f).read_bytes() == (tmp_path / "again" / f).read_bytes(), f
 
 
 @pytest.mark.parametrize("name,rate", [("heldout_poisson_r4", 4.0), ("heldout_poisson_r24", 24.0)])
