@@ -56,6 +56,9 @@ REQUIRED = ("ttfts", "itls", "input_lens", "output_lens")
 OPTIONAL = ("start_times", "latencies", "queue_times", "errors")
 CLASS = "bench"
 LIMIT = "SERVESIM_MAX_BENCH_BYTES"
+MAX_TOKENS = 10_000_000  # a prompt or output; the scenario limit `tokens` (simulator/limits.py) is the same
+MAX_TIME_S = 1e6  # one latency or gap (the client gives up after 6 h)
+MAX_CLOCK_S = 1e12  # a perf_counter() reading
 CLIENT_TIMEOUT_S = 6 * 3600.0  # the benchmark client's aiohttp timeout (endpoint_request_func.py AIOHTTP_TIMEOUT)
 
 
@@ -120,6 +123,9 @@ def _num(v, where, path, whole=False, signed=False) -> float:
         raise InputError(str(path), where, f"negative: {v}")
     if whole and v != int(v):
         raise InputError(str(path), where, f"not a whole number of tokens: {v}")
+    cap = MAX_TOKENS if whole else MAX_CLOCK_S if signed else MAX_TIME_S
+    if abs(v) > cap:
+        raise InputError(str(path), where, f"{v:g} is over {cap:g} ({'tokens in one request' if whole else 'seconds'})")
     return float(v)
 
 
