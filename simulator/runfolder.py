@@ -33,8 +33,10 @@ TOKEN_PARTS = "tokens-*.bin"
 SERVER_KINDS = ("vllm", "llamacpp", "ollama", "twin", "openai", "unknown")
 CLIENT_COLUMNS = ("request_id", "closed_user", "prompt_tokens_server", "output_tokens_server", "finish_reason", "chunks")
 # optional: prompt tokens the server served from its prefix cache, where it says so (vLLM's and OpenAI's
-# usage.prompt_tokens_details.cached_tokens, llama.cpp's timings.cache_n); the engine computed the rest
-OPTIONAL_CLIENT = ("prefix_cached_tokens",)
+# usage.prompt_tokens_details.cached_tokens, llama.cpp's timings.cache_n); the engine computed the rest;
+# and the server slot that ran the request, where the server says (llama-server's `id_slot`, which is also the
+# sequence id of its tokens in every batch: tools/server/server-context.cpp)
+OPTIONAL_CLIENT = ("prefix_cached_tokens", "server_slot")
 
 
 def token_part(folder: Path, worker: int) -> Path:

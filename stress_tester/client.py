@@ -35,7 +35,7 @@ MAX_LINE = 8 << 20  # one SSE/NDJSON line; a server that sends more without a ne
 class Job(Request):
     """A record under way, with what only a client sees."""
     __slots__ = ("usage", "usage_prompt", "usage_cached", "chunks", "tokens_n", "complete", "retries", "retry_after", "first_byte",
-                 "finish", "cum", "closed_user", "plain_retry", "stale_conn")
+                 "finish", "cum", "closed_user", "plain_retry", "stale_conn", "slot")
 
 
 def classify(status: int, text: str) -> str:
@@ -144,7 +144,7 @@ class Client:
     def reset(job: Job) -> None:
         job.outcome, job.error, job.http_status, job.retry_after = None, "", 0, None
         job.stale_conn = False
-        job.usage = job.usage_prompt = job.usage_cached = None
+        job.usage = job.usage_prompt = job.usage_cached = job.slot = None
         job.finish = ""
 
     def left(self, job: Job) -> float:

@@ -219,6 +219,9 @@ class LlamaCpp(Dialect):
         if isinstance(timings, dict) and timings.get("cache_n") is not None:  # prompt tokens reused from the slot
             job.usage_cached = count(timings.get("cache_n"), "timings.cache_n")
         job.finish = str(o.get("stop_type") or "")[:32]
+        slot = o.get("id_slot")  # the slot that ran it: its sequence id in every batch (server-context.cpp)
+        if isinstance(slot, int) and not isinstance(slot, bool) and 0 <= slot < 1 << 20:
+            job.slot = slot
 
     def event(self, o, job):
         if "error" in o:

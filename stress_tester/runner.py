@@ -84,7 +84,8 @@ def to_part(plan: Plan, jobs: list, itl: bytes, retries: int, stop_reason: str, 
         usage = getattr(j, "usage", None)
         if j.arrival is not None:
             crows.append((j.rid, getattr(j, "closed_user", -1), getattr(j, "usage_prompt", None), usage,
-                          getattr(j, "finish", ""), getattr(j, "chunks", None), getattr(j, "usage_cached", None)))
+                          getattr(j, "finish", ""), getattr(j, "chunks", None), getattr(j, "usage_cached", None),
+                          getattr(j, "slot", None)))
         if j.rid < n_open and j.arrival is not None:
             lag.append(j.scheduled)
             lag.append(j.arrival)
@@ -106,7 +107,7 @@ def new_job(rid, ci, info, scheduled, prompt, output, max_tokens, hashes) -> Job
     job = Job(rid, ci, scheduled, prompt, output, max_tokens, info.timeout, hashes)
     job.priority, job.stream = info.priority, info.stream
     job.applied_max = sent_length(output, max_tokens)
-    job.usage = job.usage_prompt = job.usage_cached = job.chunks = job.retry_after = job.first_byte = job.cum = job.plain_retry = None
+    job.usage = job.usage_prompt = job.usage_cached = job.slot = job.chunks = job.retry_after = job.first_byte = job.cum = job.plain_retry = None
     job.tokens_n = 0
     job.stale_conn = False
     job.finish = ""

@@ -188,6 +188,10 @@ def test_server_usage_recorded(run, api, stream):
         assert (cl.finish_reason == FINISH[api]).all(), cl.finish_reason.unique()
     s = r.summary["stress"]
     assert s["usage_reported"] == N and s["output_length_differs"] == 0 and s["usage_exceeds_max_tokens"] == 0
+    if api == "llamacpp":  # the native API names the slot that ran each request
+        assert cl.server_slot.between(0, PARALLEL - 1).all(), cl.server_slot.tolist()
+    else:
+        assert cl.server_slot.isna().all()
 
 
 def tokens_of(r):
