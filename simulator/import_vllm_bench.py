@@ -31,7 +31,12 @@ the replay sends at the measured send and does not model that wait).
 **Without `start_times`** (files from vLLM before PR #32667) the send times are only recoverable where the
 client's schedule is deterministic: `request_rate` inf sends everything at once, or, with
 `--max-concurrency C`, request i when the earliest of the C in flight ends (FIFO semaphore), which the
-latencies give; the folder says `send_times: reconstructed`. A finite `request_rate` drew its gaps from
+latencies give (ttft + sum(itls); 0 for a request that failed before any chunk); the folder says
+`send_times: reconstructed`. What is lost is the client's time between a response's last chunk and the next
+send (the usage chunk, `[DONE]`, its own bookkeeping): on the vLLM H200 probe at 64 streams the
+reconstructed sends are a median 9 ms, at most 16 ms off. Good enough for `sim replay` (latencies of
+seconds), not for `sim calibrate`, which tells engine steps apart by the alignment of token arrivals across
+requests to ~2 ms, so simulator/tracefit.py refuses such a folder. A finite `request_rate` drew its gaps from
 numpy with a seed the file does not record: such a file is refused, since a Poisson stream drawn here would
 not be the one the server saw, and calibrating or replaying against it would measure a different run.
 """

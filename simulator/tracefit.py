@@ -59,6 +59,13 @@ def _requests(run: RunFolder) -> pd.DataFrame:
 
 
 def reconstruct(run: RunFolder, budget: int, window_fraction: float = WINDOW_FRACTION) -> RunSteps:
+    if str(run.server.get("send_times") or "").startswith("reconstructed"):
+        # a vLLM bench file without start_times (simulator/import_vllm_bench.py): each request's token times
+        # are off by its send's error, ~10 ms at 64 streams, while steps are told apart by ~2 ms
+        raise InputError(run.label, "start_times", "missing, and send times reconstructed from the latencies are "
+                         "not precise enough to tell engine steps apart (ms off per request); calibrate from files "
+                         "with start_times (vLLM bench serve since PR #32667) or stress probe runs; sim replay "
+                         "takes this file")
     tok = read_tokens(run.path)
     req = _requests(run)
     tok = tok[tok["request_id"].isin(req.index) & (tok["n_tokens"] > 0)]

@@ -178,6 +178,17 @@ def test_closed_loop_without_start_times_is_reconstructed(tmp_path):
     assert run.scenario_data["workload"]["classes"][0]["arrival"]["users"] == 64
     r = sim("replay", tmp_path / "c64.json", "--profile", PROFILE, "--out", tmp_path / "rep", "--no-plots", "-q")
     assert r.returncode == 0 and (tmp_path / "rep" / "fidelity.md").is_file(), r.stderr
+    # ms off per request is too coarse for steps of ~8 ms told apart by the alignment of token arrivals: taken
+    # as measured, the reconstructed folder yields a tenth of the steps (27 of 275), so calibrate refuses it
+    from simulator.tracefit import reconstruct
+    server = json.loads((tmp_path / "run" / "server.json").read_text())
+    (tmp_path / "run" / "server.json").write_text(json.dumps({**server, "send_times": "taken as measured"}))
+    n_orig, n_rec = (len(reconstruct(load_run_folder(f), 8192).steps) for f in (src, tmp_path / "run"))
+    assert n_rec < n_orig / 3, (n_rec, n_orig)
+    r = sim("calibrate", tmp_path / "c64.json", "--out", tmp_path / "p.yaml")
+    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+    assert r.stderr.startswith(f"error: {tmp_path / 'c64.json'}: start_times: ") and "sim replay" in r.stderr
+    assert not (tmp_path / "p.yaml").exists()
 
 
 def test_failed_requests_keep_their_outcome(tmp_path):
