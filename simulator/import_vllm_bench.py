@@ -4,15 +4,18 @@ as a run folder (simulator/runfolder.py), so `sim calibrate` and `sim replay` re
 What the writer puts in the file (read in vllm-project/vllm, not copied): `vllm/benchmarks/serve.py`,
 `benchmark()` builds the result dict and `main_async()` adds the setup and drops the per-request lists
 unless `--save-detailed`; the per-request values come from `RequestFuncOutput` in
-`vllm/benchmarks/lib/endpoint_request_func.py` (`async_request_openai_completions` and the chat variant).
-Older files come from `benchmarks/benchmark_serving.py` (same keys, fewer of them). Per request, in the
+`vllm/benchmarks/lib/endpoint_request_func.py` (`async_request_openai_completions` and the chat variant),
+read at commits 009e6d4a1cd6 and 02cfb534df56 (2026). Older files come from `benchmarks/benchmark_serving.py`
+(same keys, fewer of them; `--append-result` puts several results in one file, refused here). Per request, in the
 order the requests were issued, all times in seconds:
 
 - `ttfts`        first streamed chunk − send (0.0 for a failed request);
 - `itls`         list of gaps between consecutive chunks that carried choices (a chunk may carry several tokens);
 - `input_lens`   prompt tokens (the server's usage.prompt_tokens where it reported them);
 - `output_lens`  output tokens (usage.completion_tokens, else a tokenizer count of the text; 0 when failed);
-- `errors`       "" when ok, else the HTTP reason or a Python traceback;
+- `errors`       "" when ok, else the HTTP reason (outcome http_error), "Never received a valid chunk..."
+                 (stream_error) or a Python traceback (timeout when its last line names a Timeout, else
+                 connection_error);
 - `start_times`  send time on the client's `time.perf_counter()` clock — only since vLLM PR #32667
                  (January 2026); `latencies` (last chunk − send) and `queue_times` (wait for the
                  `--max-concurrency` semaphore before the send) are recent too.
@@ -55,6 +58,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import InputError, one_line
+from .limits import Limits
 from .safeio import decode_utf8, env_limit, read_bytes
 
 REQUIRED = ("ttfts", "itls", "input_lens", "output_lens")
@@ -87,13 +91,15 @@ def read_result(path: str | Path) -> dict:
         raise InputError(str(path), "", f"expected a JSON object (vllm bench serve --save-result), got {type(obj).__name__}")
     missing = [k for k in REQUIRED if k not in obj]
     if missing:
-        hint = " (the file was saved without --save-detailed)" if len(missing) == len(REQUIRED) else ""
+        bench = any(k in obj for k in ("completed", "request_throughput", "backend", "num_prompts"))
+        hint = "" if len(missing) < len(REQUIRED) else " (the file was saved without --save-detailed)" if bench else \
+            " (not a vllm bench serve result: none of its keys)"
         raise InputError(str(path), missing[0], f"missing: per-request {', '.join(missing)} are needed{hint}")
     n = _list(obj, "ttfts", path)
     if n == 0:
         raise InputError(str(path), "ttfts", "no requests in the result")
     for k in (*REQUIRED, *OPTIONAL):
-        if k in obj and obj[k] is not None and _list(obj, k, path) != n:
+        if (k in REQUIRED or obj.get(k) is not None) and _list(obj, k, path) != n:
             raise InputError(str(path), k, f"{len(obj[k])} entries, ttfts has {n} (one per request)")
     out = {"n": n, "ttfts": _numbers(obj, "ttfts", path), "input_lens": _numbers(obj, "input_lens", path, whole=True),
            "output_lens": _numbers(obj, "output_lens", path, whole=True), "itls": _itls(obj, path)}
@@ -277,6 +283,11 @@ def build(path: str | Path, kind: str = "vllm") -> dict:
     chunks = np.array([len(g) + 1 for g in itls])
     out_tok = np.where(ok & (r["output_lens"] < 1), chunks, r["output_lens"]).astype(np.int64)
     sched, sent, how = _send_times(r, str(path), e2e)
+    horizon = Limits().horizon_s  # what a scenario may span (and the report's 1 s bins are bounded by)
+    if float(np.max(sent + e2e)) > horizon:
+        raise InputError(str(path), "start_times" if "start_times" in r else "ttfts",
+                         f"the run spans {float(np.max(sent + e2e)):,.0f} s, over the {horizon:,.0f} s a scenario may "
+                         "(limits.horizon_s)")
     rows, client, tok_rid, tok_t, tok_n, gaps = [], [], [], [], [], []
     for i in range(n):
         outcome, err = outcomes[i]
