@@ -169,7 +169,8 @@ def fit_table(model: CostModel, fit_meta: dict) -> tuple[Table, Table]:
 @friendly
 def calibrate_cmd(steps: List[Path] = typer.Argument(..., help="CSV of observed steps (prefill_tokens, prefill_attn, "
                                                          "n_decode, decode_ctx, time_s [, weight]), or stress run "
-                                                         "folders (trace-only calibration)"),
+                                                         "folders / vLLM bench serve --save-detailed JSON files "
+                                                         "(trace-only calibration)"),
                   name: Optional[str] = typer.Option(None, "--name", help="profile name (default: the CSV's file "
                                                      "name without .csv)"),
                   out: Optional[Path] = typer.Option(None, "--out", help="profile YAML to write (default ./NAME.yaml "
@@ -195,7 +196,7 @@ def calibrate_cmd(steps: List[Path] = typer.Argument(..., help="CSV of observed 
                                                             "max_num_batched_tokens, default 8192; llama.cpp "
                                                             "n_batch, default 2048)")):
     """Fit a cost-model profile from observed engine steps, or from stress run folders; write it and print the fit."""
-    if steps and all(Path(p).is_dir() for p in steps):
+    if steps and all(Path(p).is_dir() or Path(p).suffix.lower() == ".json" for p in steps):
         info = {"name": model or "unknown", **({"kv_bytes_per_token": kv_bytes_per_token} if kv_bytes_per_token else {}),
                 **({"weight_bytes": weight_bytes} if weight_bytes else {})}
         return _calibrate_runs(steps, name, out, sim_engine, budget, force, info, gpu, not no_refine)

@@ -160,9 +160,7 @@ def calibrate_runs(folders: list, engine: str, name: str, budget: int | None = N
     doc = {"name": name, "engine": f"calibrated from client traces ({', '.join(kinds)}; sim engine {engine})",
            "version": 1, "model": dict(model_info or {"name": "unknown"}),
            **({"gpu": {"name": gpu}} if gpu else {}),
-           "source": {"dataset": "client_traces", "runs": [
-               {"folder": Path(f).name, "requests_sha256": hashlib.sha256((Path(f) / "requests.csv").read_bytes()).hexdigest()}
-               for f in folders]},
+           "source": {"dataset": "client_traces", "runs": [_source(f, r) for f, r in zip(folders, runs)]},
            "server": facts, "sim_engine": {"type": engine, "token_budget": budget},
            "fit": fit_meta,
            "frontend": {"latency_s": float(f"{frontend:.4g}"),
@@ -192,6 +190,13 @@ def calibrate_runs(folders: list, engine: str, name: str, budget: int | None = N
     final = CostModel(**{c: getattr(written, c) for c in COEFFICIENTS}, frontend_s=float(f"{frontend:.4g}"),
                       **{k: int(mi[k]) for k in ("kv_bytes_per_token", "weight_bytes") if k in mi})
     return text, final, report
+
+
+def _source(given, run) -> dict:
+    """A run as the profile names it: the folder and its requests.csv, or the vLLM bench file it came from."""
+    if run.origin is not None:
+        return {"file": Path(given).name, "sha256": hashlib.sha256(Path(run.origin).read_bytes()).hexdigest()}
+    return {"folder": Path(given).name, "requests_sha256": hashlib.sha256((run.path / "requests.csv").read_bytes()).hexdigest()}
 
 
 def _open_loop(run) -> bool:

@@ -157,8 +157,8 @@ def sweep(scenario: Path = typer.Argument(..., help="scenario YAML"),
 
 
 def _register_optional():
-    """Commands whose modules land separately (compare, serve, calibrate, capacity, replay)."""
-    for mod in ("compare_cli", "serve_cli", "calibrate_cli", "capacity_cli", "replay_cli"):
+    """Commands whose modules land separately (compare, serve, calibrate, capacity, replay, import)."""
+    for mod in ("compare_cli", "serve_cli", "calibrate_cli", "capacity_cli", "replay_cli", "import_cli"):
         try:
             __import__(f"simulator.{mod}")
         except ImportError as exc:

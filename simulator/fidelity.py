@@ -206,7 +206,7 @@ def fidelity(run_folder, sim_dir: Path, out: Path, plots: bool = True, info: dic
     if shift:  # back on the measured run's clock
         sdf = sdf.assign(arrival_s=sdf["arrival_s"] - shift, end_s=sdf["end_s"] - shift)
     ts = timeseries(run_folder, mdf, sdf)
-    report = {"measured": str(run_folder.path), "sim": str(sim_dir), "engine": info.get("engine"),
+    report = {"measured": run_folder.label, "sim": str(sim_dir), "engine": info.get("engine"),
               "profile": info.get("profile"), "server_kind": run_folder.kind,
               "replayed": info.get("requests_replayed"), "left_out": info.get("left_out_not_sent"),
               "table": table(measured, sim), "per_request": per_request(mdf, sdf), "timeseries": ts["what"]}

@@ -200,7 +200,7 @@ def build_plan(run: RunFolder, sc: Scenario) -> ReplayPlan:
             gaps = [0.0] + [max(0.0, float(t[b] - end[a])) if np.isfinite(end[a]) else 0.0 for a, b in zip(js[:-1], js[1:])]
             chains.append(Chain(ci, int(user), float(t[js[0]]), rids[js].tolist(), prompt[js].tolist(), output[js].tolist(),
                                 mx[js].tolist(), [hashes[j] for j in js], gaps))
-    info = {"run": str(run.path), "server_kind": run.kind, "time_shift_s": round(shift, 9), "requests_replayed": int(len(sent)),
+    info = {"run": run.label, "server_kind": run.kind, "time_shift_s": round(shift, 9), "requests_replayed": int(len(sent)),
             "left_out_not_sent": int(len(df) - len(sent)), "open_loop": int(o.size),
             "closed_loop_users": len(chains), "closed_loop_requests": int(is_closed.sum()),
             "closed_loop_users_from": source, "prompt_tokens_from": "client.csv prompt_tokens_server"

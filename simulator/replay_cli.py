@@ -13,7 +13,7 @@ from .errors import InputError
 
 @app.command()
 @friendly
-def replay(run_dir: Path = typer.Argument(..., help="a run folder written by stress run (requests.csv, scenario.yaml, ...)"),
+def replay(run_dir: Path = typer.Argument(..., help="a run folder written by stress run (requests.csv, scenario.yaml, ...), or a vLLM bench serve --save-detailed JSON file"),
            profile: Optional[str] = typer.Option(None, "--profile", "-p",
                                                  help="cost profile name or YAML path (default: the run scenario's)"),
            engine: Optional[str] = typer.Option(None, "--engine", help="engine type, e.g. continuous or llamacpp"),

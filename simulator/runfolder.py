@@ -10,7 +10,9 @@
 
 The readers are shared by `sim calibrate`, `sim replay` and the tests, so the format has one definition.
 `load_run_folder` reads a whole folder for `sim replay` (requests.csv with client.csv merged in, server.json,
-scenario.yaml), every problem one InputError naming the file, the field and the reason.
+scenario.yaml), every problem one InputError naming the file, the field and the reason. Given a `.json` file
+instead, it reads it as a vLLM `bench serve --save-detailed` result, converted into a temporary run folder
+(simulator/import_vllm_bench.py), so `sim calibrate` and `sim replay` take those files as they are.
 """
 from __future__ import annotations
 
@@ -134,6 +136,12 @@ class RunFolder:
     has_client: bool
     server: dict  # server.json, or {"kind": "unknown", "facts": {}, "samples": []}
     scenario_data: dict  # scenario.yaml as loaded (before overrides)
+    origin: Path | None = None  # the file the folder was converted from (a vLLM bench result), if any
+
+    @property
+    def label(self) -> str:
+        """What the user gave: the folder, or the file it was converted from."""
+        return str(self.origin or self.path)
 
     @property
     def name(self) -> str:
@@ -172,6 +180,11 @@ def parse_sets(items: list[str] | None, folder: Path) -> list[tuple[str, object]
 
 def load_run_folder(folder: str | Path) -> RunFolder:
     folder = Path(folder)
+    if folder.suffix.lower() == ".json" and not folder.is_dir():
+        from .import_vllm_bench import as_run_folder  # imported here: that module writes this format
+        run = load_run_folder(as_run_folder(folder))
+        run.origin = folder
+        return run
     if not folder.exists():
         raise InputError(str(folder), "", "run folder not found")
     if not folder.is_dir():

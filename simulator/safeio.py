@@ -9,6 +9,7 @@ are environment variables (README, "Scenario format", "Limits"):
     SERVESIM_MAX_YAML_DEPTH   32        nested mappings/lists
     SERVESIM_MAX_YAML_NODES   200,000   values after anchors/aliases are expanded
     SERVESIM_MAX_STRING       10,000    characters in one string value
+    SERVESIM_MAX_BENCH_BYTES  256 MiB   a vLLM bench serve result JSON (sim import vllm-bench)
 """
 from __future__ import annotations
 
@@ -22,7 +23,8 @@ import yaml
 from .errors import InputError
 
 DEFAULTS = {"SERVESIM_MAX_YAML_BYTES": 1 << 20, "SERVESIM_MAX_YAML_DEPTH": 32,
-            "SERVESIM_MAX_YAML_NODES": 200_000, "SERVESIM_MAX_STRING": 10_000}
+            "SERVESIM_MAX_YAML_NODES": 200_000, "SERVESIM_MAX_STRING": 10_000,
+            "SERVESIM_MAX_BENCH_BYTES": 256 << 20}
 
 
 def env_limit(name: str) -> int:

@@ -115,11 +115,18 @@ def reconstruct(run: RunFolder, budget: int, window_fraction: float = WINDOW_FRA
     the tokens reaching the client at one time are step k's while the interval before them is step k+1:
     a prompt whose first token arrives with cluster j was computed in the interval ending at cluster j-1.
     calibrate_runs tries 0 and 1 and keeps the one the steps fit better."""
+    if str(run.server.get("send_times") or "").startswith("reconstructed"):
+        # a vLLM bench file without start_times (simulator/import_vllm_bench.py): each request's token times
+        # are off by its send's error, ~10 ms at 64 streams, while steps are told apart by ~2 ms
+        raise InputError(run.label, "start_times", "missing, and send times reconstructed from the latencies are "
+                         "not precise enough to tell engine steps apart (ms off per request); calibrate from files "
+                         "with start_times (vLLM bench serve since PR #32667) or stress probe runs; sim replay "
+                         "takes this file")
     tok = read_tokens(run.path)
     req = _requests(run)
     tok = tok[tok["request_id"].isin(req.index) & (tok["n_tokens"] > 0)]
     if len(req) < 2 or len(tok) < 10:
-        raise InputError(str(run.path), "tokens.parquet", f"too few streamed ok requests with token times "
+        raise InputError(run.label, "tokens.parquet", f"too few streamed ok requests with token times "
                                                             f"({len(req)} requests, {len(tok)} chunks)")
     tok = tok.sort_values(["request_id", "t_s"], kind="stable")
     rid = tok["request_id"].to_numpy()
@@ -131,7 +138,7 @@ def reconstruct(run: RunFolder, budget: int, window_fraction: float = WINDOW_FRA
     before -= np.repeat(before[starts], np.diff(np.r_[starts, len(n)]))
     gaps = np.diff(t)[~new_req[1:]]
     if not len(gaps):
-        raise InputError(str(run.path), "tokens.parquet", "no request received more than one chunk")
+        raise InputError(run.label, "tokens.parquet", "no request received more than one chunk")
     med_gap = float(np.median(gaps))
     window = max(2e-4, window_fraction * med_gap)
 

@@ -351,8 +351,38 @@ def test_fuzz_accepted_scenarios_run_report(capsys):
     T_BUILD.report(capsys)
 
 
+# ------------------------------------------------------------------ vLLM bench serve results
+T_BENCH = Tally("vLLM bench serve results (sim import vllm-bench)")
+BENCH = {"date": "20260120-101010", "backend": "openai-chat", "model_id": "m", "request_rate": 2.0, "burstiness": 1.0,
+         "max_concurrency": None, "duration": 1.0, "input_lens": [10, 20, 7], "output_lens": [3, 2, 0],
+         "ttfts": [0.02, 0.03, 0.0], "itls": [[0.005, 0.006], [0.005], []], "latencies": [0.031, 0.035, 0.0],
+         "start_times": [100.0, 100.5, 100.7], "queue_times": [0.0, 0.0, 0.0], "errors": ["", "", "Bad Request"],
+         "generated_texts": ["a b", "c", ""]}
+
+
+@settings(max_examples=n(200), **FAST)
+@given(muts=st.lists(MUTATION, min_size=1, max_size=4))
+def test_fuzz_vllm_bench_results(tmp, muts):
+    from simulator.import_vllm_bench import write_run_folder
+    from simulator.runfolder import load_run_folder
+    path = _write(tmp, "bench.json", json.dumps(_mutate(BENCH, muts)))
+    out = tmp / f"{next(_uniq)}_run"
+    if T_BENCH(write_run_folder, path, out, plots=False) is not None:  # what is accepted is a readable run folder
+        try:
+            run = load_run_folder(out)
+        except InputError as exc:  # e.g. errors only: refused as a stress run folder would be
+            assert "\n" not in exc.line()
+        else:
+            assert len(run.requests) >= 1 and (out / "tokens.parquet").is_file()
+
+
+def test_fuzz_vllm_bench_results_report(capsys):
+    T_BENCH.report(capsys)
+
+
 def test_fuzz_counts_are_real():
     """The fuzz ran what it says (a guard against a strategy that silently generates nothing)."""
-    for t in (T_LOAD, T_TEXT, T_SET, T_TRACE, T_LEN, T_PROF, T_BUILD):
+    for t in (T_LOAD, T_TEXT, T_SET, T_TRACE, T_LEN, T_PROF, T_BUILD, T_BENCH):
         assert sum(t.c.values()) >= 1, t.name
     assert json.dumps({t.name: dict(t.c) for t in (T_LOAD, T_SET)})
+
