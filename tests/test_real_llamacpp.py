@@ -338,3 +338,23 @@ def test_server_facts_the_test_relies_on(llama):
     slots = get_json(llama.url + "/slots")
     assert len(slots) == PARALLEL and {s["n_ctx"] for s in slots} == {CTX // PARALLEL}
     assert get_json(llama.url + "/v1/models")["data"][0]["meta"]["n_ctx"] == CTX // PARALLEL
+
+
+def test_slot_choice_is_the_engines_rule(tmp_path):
+    """llama-server's slot choice, which the llamacpp engine mirrors (it decides which slots share a forward
+    pass): a fresh server fills never-used slots from the highest id down, then takes the least recently
+    released. One closed-loop user, prompts long enough that no slot's cached prefix passes the 10 %
+    similarity rule."""
+    import pandas as pd
+    model = make_tiny_gguf(tmp_path / "slots.gguf")
+    d = {"name": "slots", "seed": 2, "num_requests": 7, "workload": {"classes": [
+        {"name": "c", "arrival": {"type": "closed_loop", "users": 1, "think_time_s": 0.0, "think": "fixed"},
+         "timeout_s": 20, "prompt_tokens": {"type": "fixed", "value": 120},
+         "output_tokens": {"type": "fixed", "value": 3}}]}}
+    p = tmp_path / "slots.yaml"
+    p.write_text(yaml.safe_dump(d))
+    with LlamaServer(model, parallel=4, ctx=2048) as srv:
+        r = stress_cli(srv.url, "llamacpp", p, tmp_path / "out")
+    assert r.returncode == 0, r.stderr[-2000:]
+    cl = pd.read_csv(tmp_path / "out" / "client.csv").sort_values("request_id")
+    assert cl.server_slot.tolist() == [3, 2, 1, 0, 3, 2, 1], cl.server_slot.tolist()
