@@ -165,8 +165,8 @@ def calibrate_runs(folders: list, engine: str, name: str, budget: int | None = N
                        "run": long["run"]})
     pf = pf[pf["time_s"] > 0]
     fixed = None
-    if engine == "continuous" and not all(_reports_cached(r) for r in runs):
-        # vLLM serves prompt blocks from its prefix cache without saying so (unless started with
+    if any(r.kind == "vllm" and not _reports_cached(r) for r in runs):
+        # vLLM serves prompt blocks from its prefix cache (on by default) without saying so (unless started with
         # --enable-prompt-tokens-details): a busy step's prefill may be partly cached, and cheaper by an amount
         # no client sees (measured: 31 % of prompt tokens on salted random prompts, extra/ data set). The
         # prefill terms come from the prefill sweep instead; busy steps with prefill are left out.
