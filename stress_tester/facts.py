@@ -5,7 +5,7 @@ Where each server says it:
 - vLLM: `/metrics` (Prometheus text): `vllm:cache_config_info` labels (block_size, num_gpu_blocks, ...),
   `vllm:num_requests_running` / `vllm:num_requests_waiting` gauges; `/v1/models` gives `max_model_len`.
 - llama.cpp `llama-server`: `/props` (total_slots, default_generation_settings.n_ctx = per-slot context),
-  `/slots` (one entry per slot, `is_processing`), `/metrics` when started with --metrics
+  `/slots` (one entry per slot, `is_processing`, and the tokens a slot holds and its last task: a run inherits them), `/metrics` when started with --metrics
   (`llamacpp:requests_processing`, `llamacpp:requests_deferred`).
 - Ollama: `/api/version`, `/api/ps` (loaded models, context length), `/api/show`.
 - the twin (`sim serve`): `/health`, `/queue/status`.
@@ -121,7 +121,7 @@ def probe(base_url: str, model: str | None = None, timeout: float = TIMEOUT_S) -
                 st, text = _get(c, base + "/slots")
                 slots = _json(text) if st == 200 else None
                 if isinstance(slots, list):
-                    raw["slots"] = [{k: s.get(k) for k in ("id", "n_ctx", "is_processing", "speculative")}
+                    raw["slots"] = [{k: s.get(k) for k in ("id", "n_ctx", "is_processing", "speculative", "id_task", "n_prompt_tokens")}
                                     for s in slots if isinstance(s, dict)][:256]
                     facts["slots_endpoint"] = True
                     if slots and isinstance(slots[0], dict) and "n_ctx" in slots[0]:

@@ -358,3 +358,9 @@ def test_slot_choice_is_the_engines_rule(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     cl = pd.read_csv(tmp_path / "out" / "client.csv").sort_values("request_id")
     assert cl.server_slot.tolist() == [3, 2, 1, 0, 3, 2, 1], cl.server_slot.tolist()
+    # what each slot holds at the end (server.json), which the next run inherits: its last request's tokens
+    end = {s["id"]: s for s in json.loads((tmp_path / "out" / "server.json").read_text())["end"]["slots"]}
+    last = cl.groupby("server_slot").last()
+    for slot, row in last.iterrows():
+        held = end[slot]["n_prompt_tokens"]
+        assert row.prompt_tokens_server <= held <= row.prompt_tokens_server + row.output_tokens_server, (slot, held)
