@@ -233,19 +233,25 @@ def calibrate_runs(folders: list, engine: str, name: str, budget: int | None = N
                                 "requests sent to an idle server minus their step"},
            "coefficients": {c: float(f"{getattr(written, c):.4g}") for c in COEFFICIENTS}}
     open_loop = [r for r in runs if _open_loop(r)]
+    per_stream = 0.0
     refined = refine_by_replay(open_loop, engine, written, frontend) if refine and open_loop else None
     if refined is not None:
-        alpha, frontend, before, after = refined
+        alpha, frontend, per_stream, before, after = refined
         written = CostModel(**{c: float(f"{getattr(written, c) * alpha:.4g}") for c in COEFFICIENTS},
                             **{k: getattr(written, k) for k in ("kv_bytes_per_token", "weight_bytes")})
         doc["coefficients"] = {c: getattr(written, c) for c in COEFFICIENTS}
         doc["frontend"]["latency_s"] = float(f"{frontend:.4g}")
+        if per_stream > 0:
+            doc["frontend"]["per_stream_s"] = float(f"{per_stream:.4g}")
         doc["refined_by_replay"] = {"step_scale": round(alpha, 4), "frontend_s": round(frontend, 6),
+                                    "frontend_per_stream_s": float(f"{per_stream:.4g}"),
                                     "runs": [r.name for r in open_loop],
                                     "median_run_abs_error_pct_before": before, "median_run_abs_error_pct_after": after,
                                     "method": "the open-loop calibration runs replayed: one scale on every step "
                                               "coefficient (golden section on TPOT and E2E p50/p95), then the "
-                                              "front-end latency moved by the median TTFT p50 offset"}
+                                              "front-end latency moved by the median TTFT p50 offset and, for "
+                                              "vLLM, a wait per streaming response (golden section on TTFT "
+                                              "p50/p95), twice"}
         report["refined"] = doc["refined_by_replay"]
         report["frontend_s"] = round(frontend, 6)
     header = (f"# Fitted by `sim calibrate {' '.join(Path(f).name for f in folders)[:200]} --engine {engine}` "
@@ -253,6 +259,7 @@ def calibrate_runs(folders: list, engine: str, name: str, budget: int | None = N
     text = header + yaml.safe_dump(doc, sort_keys=False, default_flow_style=False, width=110)
     mi = model_info or {}
     final = CostModel(**{c: getattr(written, c) for c in COEFFICIENTS}, frontend_s=float(f"{frontend:.4g}"),
+                      frontend_per_stream_s=float(f"{per_stream:.4g}"),
                       **{k: int(mi[k]) for k in ("kv_bytes_per_token", "weight_bytes") if k in mi})
     return text, final, report
 
@@ -288,9 +295,9 @@ def refine_by_replay(chosen, engine: str, model: CostModel, frontend: float) -> 
     from .replay import simulate_replay
     measured = [_pcts(r.requests) for r in chosen]
 
-    def errors(alpha, fe):
+    def errors(alpha, fe, q=0.0):
         doc = {"name": "refine", "coefficients": {c: getattr(model, c) * alpha for c in COEFFICIENTS},
-               "frontend": {"latency_s": fe}}
+               "frontend": {"latency_s": fe, "per_stream_s": q}}
         with tempfile.TemporaryDirectory() as d:
             path = Path(d) / "p.yaml"
             path.write_text(yaml.safe_dump(doc))
@@ -326,14 +333,41 @@ def refine_by_replay(chosen, engine: str, model: CostModel, frontend: float) -> 
             b = lo + g * (hi - lo)
             fb = step_cost(b)
     alpha = (lo + hi) / 2
-    fe = frontend
-    for _ in range(2):
-        e = errors(alpha, fe)
+    fe, q = frontend, 0.0
+
+    def shift_fe(fe, q):
+        e = errors(alpha, fe, q)
         shift = [m[("ttft_s", 50)] * x[("ttft_s", 50)] / 100 for x, m in zip(e, measured) if ("ttft_s", 50) in x]
         # the idle measurement bounds it: a front end that has to move further is covering for something the
         # engine model lacks (the fidelity table should show that, not a profile that hides it)
-        fe = min(2 * frontend, max(0.5 * frontend, fe - float(np.median(shift))))
-    after = mean_abs(errors(alpha, fe))
+        return min(2 * frontend, max(0.5 * frontend, fe - float(np.median(shift))))
+
+    def ttft_cost(q, fe):
+        e = errors(alpha, fe, q)
+        return float(np.median([np.mean([abs(x[k]) for k in x if k[0] == "ttft_s"]) for x in e]))
+
+    for _ in range(2):
+        fe = shift_fe(fe, q)
+        if engine == "continuous":  # vLLM's one-process API server: a wait per response it is streaming
+            q = _golden(lambda v: ttft_cost(v, fe), 0.0, 3e-3, 8)
+    fe = shift_fe(fe, q)
+    after = mean_abs(errors(alpha, fe, q))
     if after >= before:
         return None
-    return alpha, fe, before, after
+    return alpha, fe, q, before, after
+
+
+def _golden(f, lo, hi, rounds):
+    g = (5 ** 0.5 - 1) / 2
+    a, b = hi - g * (hi - lo), lo + g * (hi - lo)
+    fa, fb = f(a), f(b)
+    for _ in range(rounds):
+        if fa < fb:
+            hi, b, fb = b, a, fa
+            a = hi - g * (hi - lo)
+            fa = f(a)
+        else:
+            lo, a, fa = a, b, fb
+            b = lo + g * (hi - lo)
+            fb = f(b)
+    return (lo + hi) / 2

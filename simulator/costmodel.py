@@ -54,6 +54,11 @@ class CostModel:
     # frontend_per_token_s per prompt token (tokenisation). Not step time: the engine runs meanwhile.
     frontend_s: float = 0.0
     frontend_per_token_s: float = 0.0
+    # and frontend_per_stream_s per response the server is streaming when the request comes in: vLLM's API
+    # server is one asyncio loop that, every engine step, processes every running request's output
+    # (vllm/v1/engine/async_llm.py output_handler) and wakes each stream's writer, so each await on a new
+    # request's way in waits a round of them (measured on an H200: bench/README.md)
+    frontend_per_stream_s: float = 0.0
     meta: dict = field(default_factory=dict, compare=False)
 
     def step_time(self, prefill_tokens: float, prefill_attn: float, n_decode: float, decode_ctx: float,
@@ -151,10 +156,11 @@ def load_profile(name_or_path: str) -> CostModel:
     fe = raw.get("frontend") or {}
     if not isinstance(fe, dict):
         raise InputError(str(path), "frontend", "expected a mapping (latency_s, per_prompt_token_s)")
-    unknown = set(fe) - {"latency_s", "per_prompt_token_s", "note"}
+    unknown = set(fe) - {"latency_s", "per_prompt_token_s", "per_stream_s", "note"}
     if unknown:
         raise InputError(str(path), "frontend", f"unknown key(s) {sorted(map(str, unknown))}")
-    for key, attr in (("latency_s", "frontend_s"), ("per_prompt_token_s", "frontend_per_token_s")):
+    for key, attr in (("latency_s", "frontend_s"), ("per_prompt_token_s", "frontend_per_token_s"),
+                      ("per_stream_s", "frontend_per_stream_s")):
         if key in fe:
             v = float(_number(fe[key], str(path), f"frontend.{key}"))
             if v > 60:

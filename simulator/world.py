@@ -61,8 +61,8 @@ class World:
         self.sc = sc
         self.env = simpy.Environment()
         self.cost = scenario_profile(sc, sc.engine.profile, "engine.profile")
-        fe = (self.cost.frontend_s, self.cost.frontend_per_token_s)
-        self.frontend = fe if fe[0] > 0 or fe[1] > 0 else None
+        fe = (self.cost.frontend_s, self.cost.frontend_per_token_s, self.cost.frontend_per_stream_s)
+        self.frontend = fe if any(x > 0 for x in fe) else None
         self.gateway = Gateway(sc)
         self.router = ROUTERS[sc.cluster.router]()
         self.stream, self.closed = stream if stream is not None else build_stream(sc)
@@ -147,8 +147,11 @@ class World:
         req.replica = rep.index
         self.hold(req)
         if self.frontend:  # the server's front end before its scheduler (a calibrated profile's frontend)
-            fe_s, fe_tok = self.frontend
-            ev = self.env.timeout(fe_s + fe_tok * req.prompt)
+            fe_s, fe_tok, fe_stream = self.frontend
+            delay = fe_s + fe_tok * req.prompt
+            if fe_stream:
+                delay += fe_stream * rep.engine.streaming()
+            ev = self.env.timeout(delay)
             ev.callbacks.append(lambda _, r=req, e=rep.engine: e.enqueue(r) if r.outcome is None else None)
             return
         rep.engine.enqueue(req)

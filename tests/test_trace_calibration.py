@@ -94,6 +94,7 @@ def test_real_profiles_are_the_fit_of_their_probe_runs(name, engine):
     for p in (256, 2048, 7000):
         assert model.prefill_time([p]) == pytest.approx(shipped.prefill_time([p]), rel=0.02)
     assert model.frontend_s == pytest.approx(shipped.frontend_s, rel=0.02)
+    assert model.frontend_per_stream_s == pytest.approx(shipped.frontend_per_stream_s, rel=0.02, abs=1e-7)
     if engine == "continuous":  # vLLM's async scheduling: a step's tokens go out at the end of the next one
         lag = report["fit"]["median_abs_error_pct_by_emit_lag"]
         assert report["fit"]["emit_lag_steps"] == 1 and lag[1] < 0.7 * lag[0], lag
@@ -102,7 +103,7 @@ def test_real_profiles_are_the_fit_of_their_probe_runs(name, engine):
 
 # bench/fidelity.py's medians of |error| over the held-out runs, as the README quotes them (percent), plus 5
 # points of slack: a change that makes a prediction worse than the quoted figure fails here
-QUOTED = {"continuous": {"ttft.p50": 18.7, "ttft.p95": 25.6, "tpot.p50": 5.4, "tpot.p95": 11.7, "e2e.p50": 5.6, "e2e.p95": 8.3},
+QUOTED = {"continuous": {"ttft.p50": 20.6, "ttft.p95": 22.9, "tpot.p50": 5.3, "tpot.p95": 11.8, "e2e.p50": 5.2, "e2e.p95": 8.2},
           "llamacpp": {"ttft.p50": 8.2, "ttft.p95": 12.1, "tpot.p50": 6.4, "tpot.p95": 2.0, "e2e.p50": 16.9, "e2e.p95": 4.0}}
 
 

@@ -23,6 +23,10 @@ class EngineBase:
     def outstanding(self) -> int:
         return len(self.queue) + len(self.running)
 
+    def streaming(self) -> int:
+        """Responses being streamed now (the front end's per-stream work, CostModel.frontend_per_stream_s)."""
+        return sum(1 for r in self.running if r.stream and r.generated > 0)
+
     def kv_load(self) -> float:
         return 0.0
 

@@ -153,6 +153,9 @@ class Continuous(Scheduling, Stepping, EngineBase):
     def outstanding(self) -> int:
         return self.n_queued + len(self.running)
 
+    def streaming(self) -> int:
+        return self.ns  # streamed requests decoding
+
     def has_waiting(self) -> bool:
         return self._head()[0] is not None
 
