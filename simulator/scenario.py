@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from .errors import InputError
 from .limits import Limits, check_limits
+from .presets import apply_preset
 from .safeio import check_tree, load_yaml_file
 from .scenario_io import _check_files, _first_error, parse_overrides, resolve_path, set_path  # noqa: F401 (re-exported)
 
@@ -292,8 +293,15 @@ class Scheduler(Strict):
 
 
 class Engine(Strict):
+    preset: Optional[Literal["vllm-0.26", "vllm-0.26-small-gpu", "llama-server"]] = None  # presets.py
     type: Literal["single", "dynamic_batching", "continuous", "llamacpp"] = "continuous"
     profile: str = "default"  # cost-model profile name or path
+
+    @model_validator(mode="before")
+    @classmethod
+    def _preset(cls, d):
+        return apply_preset(d)
+
     # dynamic batching
     max_batch_size: PosInt = 8
     batch_timeout_s: NonNegFloat = 0.01
