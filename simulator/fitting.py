@@ -109,7 +109,7 @@ def _solve_for_knee(k, df, y, sw, fixed):
             known += fixed[name] * feature(df)
     cols, names = [], []
     w_fixed, l_fixed = "weights_s" in fixed, "linear_per_token_s" in fixed
-    roof = np.maximum(k, tokens)
+    roof = np.maximum(k, tokens) if k is not None else None  # both fixed: no knee to try
     if w_fixed and l_fixed:
         known += np.maximum(fixed["weights_s"], fixed["linear_per_token_s"] * tokens)
     elif w_fixed:  # l = w / k, so the whole roofline term is known for this knee
