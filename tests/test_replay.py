@@ -110,7 +110,9 @@ def test_replay_of_a_twin_run_reproduces_it(measured, tmp_path):
     assert (both_ok.output_tokens_s == both_ok.output_tokens_m).all()
     # request by request: open-loop requests (sent at the same times) end within a few ms of the measured
     chat = both_ok[both_ok.class_name_m == "chat"]
-    assert len(chat) >= 10 and (chat.e2e_s_s - chat.e2e_s_m).abs().median() <= 0.020, ((chat.e2e_s_s - chat.e2e_s_m).describe(), lag)
+    # (plus twice the twin's own largest clock lag, which it reports: on a loaded machine it paces late)
+    tol = 0.020 + 2 * (lag or 0.0)
+    assert len(chat) >= 10 and (chat.e2e_s_s - chat.e2e_s_m).abs().median() <= tol, ((chat.e2e_s_s - chat.e2e_s_m).describe(), lag)
     assert (j.stream_s == j.stream_m).all() and (j.stream_s[j.class_name_m == "scraper"] == 0).all()
     # measured rejections (the scraper's rate limit) are replayed as sent and counted: the sim rejects too
     cm, cs = fid["table"]["scraper"]["counts"]["measured"], fid["table"]["scraper"]["counts"]["sim"]
