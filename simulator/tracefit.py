@@ -228,7 +228,9 @@ def reconstruct(run: RunFolder, budget: int, window_fraction: float = WINDOW_FRA
         d = c_time[j] - c_time[j - 1]
         busy = n_active[j] > 0
         clean = (not multi[j]) and emit_dec[j] == n_active[j]
-        if busy and clean and d > 0:
+        # an interval far shorter than the typical gap is two steps' tokens delivered bunched (a stalled
+        # stream catching up), not a step: its relative error would swamp every real one
+        if busy and clean and d > 0.2 * med_gap:
             rows.append((int(pf_tokens[j]), float(pf_attn[j]), int(n_active[j]), float(ctx[j]), d, c_time[j],
                          int(extra[j]) if extra is not None else 0, float(step_save[j])))
     steps = pd.DataFrame(rows, columns=["prefill_tokens", "prefill_attn", "n_decode", "decode_ctx", "time_s", "t_s",
