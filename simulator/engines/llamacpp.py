@@ -18,7 +18,7 @@
   `cache_idle_slots` (llama-server's default, with --cache-ram 8192 MiB) every idle slot whose prompt and
   output are not cached yet, else only the slot picked by LRU (server-context.cpp get_available_slot
   prompt_save, and the cache_idle_slots loop after launch_slot_with_task). The copy costs the profile's
-  `slot_save_s` per token (measured on an H200: 106 us per token of Llama-3-8B f16 KV).
+  `slot_save_s` per token (measured on an H200: 108 us per token of Llama-3-8B f16 KV).
 - With `prefix_caching` (llama.cpp's `cache_prompt`), a slot keeps the prompt it last served; a new
   request goes to the free slot sharing the longest prefix with it (if that covers over 10% of the
   prompt, llama.cpp's slot_prompt_similarity), else to the least recently used free slot, and only the
