@@ -184,9 +184,9 @@ def calibrate_runs(folders: list, engine: str, name: str, budget: int | None = N
         pf = pf[pf["time_s"] > 0]
         # busy steps kept: decode-only ones, and the short-prompt steps of the open-loop runs, which tell an
         # additive step overhead from the roofline's weight read and price prefill_overhead_s
-        short = (steps["prefill_tokens"] < 512) & steps["run"].isin(ol).to_numpy()
+        short_ol = (steps["prefill_tokens"] < 512) & steps["run"].isin(ol).to_numpy()
         fixed.pop("prefill_overhead_s")
-        table = pd.concat([steps[~cached & ((steps["prefill_tokens"] == 0) | short)], pf], ignore_index=True)
+        table = pd.concat([steps[~cached & ((steps["prefill_tokens"] == 0) | short_ol)], pf], ignore_index=True)
     else:
         table = pd.concat([steps[~cached], pf], ignore_index=True)
     _need(table["prefill_tokens"].max() >= 1024, where, "linear_per_token_s",
@@ -319,20 +319,7 @@ def refine_by_replay(chosen, engine: str, model: CostModel, frontend: float) -> 
         return round(float(np.median([np.mean([abs(v) for v in x.values()]) for x in e])), 2)
 
     before = mean_abs(errors(1.0, frontend))
-    lo, hi = 0.75, 1.35
-    g = (5 ** 0.5 - 1) / 2
-    a, b = hi - g * (hi - lo), lo + g * (hi - lo)
-    fa, fb = step_cost(a), step_cost(b)
-    for _ in range(8):
-        if fa < fb:
-            hi, b, fb = b, a, fa
-            a = hi - g * (hi - lo)
-            fa = step_cost(a)
-        else:
-            lo, a, fa = a, b, fb
-            b = lo + g * (hi - lo)
-            fb = step_cost(b)
-    alpha = (lo + hi) / 2
+    alpha = _golden(step_cost, 0.75, 1.35, 8)
     fe, q = frontend, 0.0
 
     def shift_fe(fe, q):
@@ -358,6 +345,7 @@ def refine_by_replay(chosen, engine: str, model: CostModel, frontend: float) -> 
 
 
 def _golden(f, lo, hi, rounds):
+    """The middle of the bracket left after `rounds` golden-section steps minimising f on [lo, hi]."""
     g = (5 ** 0.5 - 1) / 2
     a, b = hi - g * (hi - lo), lo + g * (hi - lo)
     fa, fb = f(a), f(b)

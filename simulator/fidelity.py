@@ -69,27 +69,27 @@ def _occupancy(starts, ends, grid) -> np.ndarray:
     return np.searchsorted(s, grid, side="right") - np.searchsorted(e, grid, side="right")
 
 
-def client_view(df: pd.DataFrame, grid) -> tuple[np.ndarray, np.ndarray]:
-    """waiting = sent, no token yet (send -> first token); running = receiving tokens (first token -> end)."""
+def _phases(df: pd.DataFrame, until_s: str, grid) -> tuple[np.ndarray, np.ndarray]:
+    """Occupancy of (arrival -> arrival + df[until_s]) as waiting and (that -> end) as running; a missing end
+    counts as the arrival, a missing middle as the end, and the middle never passes the end."""
     d = df[df["arrival_s"].notna()]
     a = d["arrival_s"].to_numpy(dtype=float)
     end = d["end_s"].to_numpy(dtype=float)
     end = np.where(np.isfinite(end), end, a)
-    first = a + d["ttft_s"].to_numpy(dtype=float)
-    first = np.where(np.isfinite(first), np.minimum(first, end), end)
-    return _occupancy(first, end, grid), _occupancy(a, first, grid)
+    mid = a + d[until_s].to_numpy(dtype=float)
+    mid = np.where(np.isfinite(mid), np.minimum(mid, end), end)
+    return _occupancy(mid, end, grid), _occupancy(a, mid, grid)
+
+
+def client_view(df: pd.DataFrame, grid) -> tuple[np.ndarray, np.ndarray]:
+    """waiting = sent, no token yet (send -> first token); running = receiving tokens (first token -> end)."""
+    return _phases(df, "ttft_s", grid)
 
 
 def server_view(df: pd.DataFrame, grid) -> tuple[np.ndarray, np.ndarray]:
     """The simulator's own: waiting = admitted, not yet scheduled (arrival -> first prefill); running = first
     prefill -> end (as vLLM's num_requests_running / num_requests_waiting)."""
-    d = df[df["arrival_s"].notna()]
-    a = d["arrival_s"].to_numpy(dtype=float)
-    end = d["end_s"].to_numpy(dtype=float)
-    end = np.where(np.isfinite(end), end, a)
-    start = a + d["queue_wait_s"].to_numpy(dtype=float)
-    start = np.where(np.isfinite(start), np.minimum(start, end), end)
-    return _occupancy(start, end, grid), _occupancy(a, start, grid)
+    return _phases(df, "queue_wait_s", grid)
 
 
 def timeseries(run_folder, measured_df: pd.DataFrame, sim_df: pd.DataFrame) -> dict:

@@ -35,19 +35,20 @@ _LINEAR = {"overhead_s": lambda df: np.ones(len(df)),
 _NEGLIGIBLE = 1e-6
 
 
+def _optional(df: pd.DataFrame, column: str) -> np.ndarray:
+    """An optional feature column, zeros where the table has none."""
+    return df[column].to_numpy(float) if column in df.columns else np.zeros(len(df))
+
+
 def _extra_passes(df: pd.DataFrame) -> np.ndarray:
-    """Forward passes beyond the first per step (optional column: llama.cpp with known slots)."""
-    if "extra_passes" in df.columns:
-        return df["extra_passes"].to_numpy(float)
-    return np.zeros(len(df))
+    """Forward passes beyond the first per step (llama.cpp with known slots)."""
+    return _optional(df, "extra_passes")
 
 
 def _save_tokens(df: pd.DataFrame) -> np.ndarray:
-    """Tokens of idle slots saved to llama-server's prompt cache before the step (optional column); their
-    copy stalls the server loop, so it lies inside the measured interval but outside step_time."""
-    if "save_tokens" in df.columns:
-        return df["save_tokens"].to_numpy(float)
-    return np.zeros(len(df))
+    """Tokens of idle slots saved to llama-server's prompt cache before the step; their copy stalls the
+    server loop, so it lies inside the measured interval but outside step_time."""
+    return _optional(df, "save_tokens")
 
 
 def measured_interval(model: CostModel, df: pd.DataFrame) -> np.ndarray:

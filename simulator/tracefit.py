@@ -88,7 +88,7 @@ def _extra_passes(req, f_arr, l_arr, c_time, probe, firsts, budget, ubatch) -> n
     return out
 
 
-def _slot_saves(start, l_arr, tokens, c_time, window, nc) -> np.ndarray:
+def _slot_saves(start, l_arr, tokens, c_time, window) -> np.ndarray:
     """Tokens llama-server copied to its prompt cache when it launched each request: every slot that went
     idle since the previous launch (its prompt and output), as its cache_idle_slots does on a new task
     (server-context.cpp, common.h cache_idle_slots = true, cache_ram_mib 8192). A launch happens in the
@@ -220,7 +220,7 @@ def reconstruct(run: RunFolder, budget: int, window_fraction: float = WINDOW_FRA
                 left -= take
                 jj -= 1
     extra = _extra_passes(req, f_arr, l_arr, c_time, probe, firsts, budget, ubatch)
-    saves = _slot_saves(start, l_arr, P + out_total, c_time, window, nc) if ubatch is not None else None
+    saves = _slot_saves(start, l_arr, P + out_total, c_time, window) if ubatch is not None else None
     step_save = np.zeros(nc)
     if saves is not None:
         np.add.at(step_save, start, saves)
