@@ -90,6 +90,12 @@ def counts(df: pd.DataFrame, by: str) -> dict:
     return out
 
 
+def first_token_latency(summary: dict) -> dict:
+    """A run's latency distributions over the requests whose TTFT is a first token: its streamed ones (a
+    non-streamed response's TTFT is the whole response), or every request where none was streamed."""
+    return (summary.get("latency_by_stream") or {}).get("streamed") or summary["latency"]
+
+
 def summarize(df: pd.DataFrame, scenario, itl=None, series=None, source: str = "sim", extra: dict | None = None,
               origin: float = 0.0) -> dict:
     """The summary.json content. `itl` is (gaps, weights) pooled over requests; None -> from itl columns.

@@ -6,6 +6,7 @@ Read from summary.json alone, so the same verdict is written for `sim run`, `str
 """
 from __future__ import annotations
 
+from .metrics import first_token_latency
 from .slo import SHED, Target, evaluate
 
 SATURATED = 0.95  # engine busy share at or above which a run is called saturated
@@ -86,7 +87,7 @@ def bottlenecks(s: dict) -> list[str]:
         if peak >= 0.9 or pre or big:
             found.append((pre + big + 1, f"KV cache capacity: peak use {pct(peak, 0)}, {pre} preemptions, "
                                          f"{big} prompts too large"))
-    lat = (s.get("latency_by_stream") or {}).get("streamed") or s["latency"]  # first-token times only
+    lat = first_token_latency(s)
     wait, ttft = lat.get("queue_wait", {}).get("p95"), lat.get("ttft", {}).get("p95")
     busy = (s.get("engine") or {}).get("busy_share")
     behind = f", behind engines busy {pct(busy, 0)} of the time" if busy is not None and busy >= BUSY else ""
@@ -119,7 +120,7 @@ def utilisation(s: dict) -> str:
 
 def queueing_share(s: dict):
     """p95 queue wait over p95 TTFT of the streamed classes (None where the wait is unobservable)."""
-    lat = (s.get("latency_by_stream") or {}).get("streamed") or s["latency"]
+    lat = first_token_latency(s)
     wait, ttft = lat.get("queue_wait", {}).get("p95"), lat.get("ttft", {}).get("p95")
     return None if wait is None or not ttft else wait / ttft
 
