@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -112,7 +113,7 @@ def make_tiny_gguf(path, *, embd: int = 64, layers: int = 2, heads: int = 4, kv_
 
 # ---------------------------------------------------------------------- the server as a command
 def serve(argv=None) -> None:
-    """llama.cpp's server on `--model` until SIGTERM/SIGINT; prints `listening on URL` once it accepts."""
+    """llama.cpp's server on `--model` until SIGTERM/SIGINT; prints `ready at URL` once it accepts."""
     p = argparse.ArgumentParser(prog="realservers.py llama-server")
     p.add_argument("--model", "-m", required=True)
     p.add_argument("--host", default="127.0.0.1")
@@ -140,7 +141,10 @@ def serve(argv=None) -> None:
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     server = xllamacpp.Server(prm)
-    print(f"listening on {server.listening_address}", flush=True)
+    # one write(): the server's own log threads share this file, and print() writes the line and its
+    # newline separately, so a log line could land between them (seen in CI)
+    sys.stdout.write(f"ready at {server.listening_address}\n")
+    sys.stdout.flush()
     while not stop.wait(1.0):
         pass
     del server  # its destructor stops the HTTP server and the slot loop
@@ -261,7 +265,8 @@ class LlamaServer(ServerProcess):
 
     @staticmethod
     def ready_url(line):
-        return line.split("listening on ", 1)[1].strip() if line.startswith("listening on http") else None
+        m = re.search(r"ready at (http://[\w.\-]+:\d+)", line)  # anywhere in the line: see serve()
+        return m.group(1) if m else None
 
 
 # ---------------------------------------------------------------------- transformers `serve`
