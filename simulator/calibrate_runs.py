@@ -233,8 +233,19 @@ def calibrate_runs(folders: list, engine: str, name: str, budget: int | None = N
                                 "requests sent to an idle server minus their step"},
            "coefficients": {c: float(f"{getattr(written, c):.4g}") for c in COEFFICIENTS}}
     open_loop = [r for r in runs if _open_loop(r)]
+    saturated = {r.name: why for r in open_loop if (why := _saturated(r))}
+    if len(saturated) < len(open_loop):
+        open_loop = [r for r in open_loop if r.name not in saturated]
+    else:
+        saturated = {}  # every run is past the knee: refining on them beats not refining at all
     per_stream = 0.0
     refined = refine_by_replay(open_loop, engine, written, frontend) if refine and open_loop else None
+    if saturated:
+        fit_meta["refine_left_out_past_saturation"] = saturated
+    if refined is not None and refined[0] is None:
+        fit_meta["refine"] = (f"not applied: replaying {', '.join(r.name for r in open_loop)} came no closer "
+                              f"(median |error| {refined[1]} % -> {refined[2]} %)")
+        refined = None
     if refined is not None:
         alpha, frontend, per_stream, before, after = refined
         written = CostModel(**{c: float(f"{getattr(written, c) * alpha:.4g}") for c in COEFFICIENTS},
@@ -275,6 +286,22 @@ def _open_loop(run) -> bool:
     classes = (run.scenario_data.get("workload") or {}).get("classes") or []
     return bool(classes) and all((c.get("arrival") or {}).get("type") != "closed_loop" for c in classes) \
         and int((run.requests["outcome"] == "ok").sum()) >= 50
+
+
+def _saturated(run) -> str | None:
+    """Why a run is past the server's saturation, or None: its backlog grew all run (the median TTFT of the
+    last third of its sends over 4x that of the first third, and over a second). There a few % of step cost
+    move the queue by tens of %, so such a run would set the refining scale for the ones below the knee,
+    which the scale is for (measured: llama-server's 3 req/s probe, TTFT 0.39 s -> 3.7 s over the run)."""
+    ok = run.requests[run.requests["outcome"] == "ok"].sort_values("arrival_s", kind="stable")
+    n = len(ok) // 3
+    if n < 5:
+        return None
+    first = float(np.nanmedian(ok["ttft_s"].to_numpy(float)[:n]))
+    last = float(np.nanmedian(ok["ttft_s"].to_numpy(float)[-n:]))
+    if last > 1.0 and last > 4 * first:
+        return f"median TTFT {first:.3g} s over the first third of its sends, {last:.3g} s over the last"
+    return None
 
 
 PCT_KEYS = (("ttft_s", 50), ("ttft_s", 95), ("tpot_s", 50), ("tpot_s", 95), ("e2e_s", 50), ("e2e_s", 95))
@@ -340,7 +367,7 @@ def refine_by_replay(chosen, engine: str, model: CostModel, frontend: float) -> 
     fe = shift_fe(fe, q)
     after = mean_abs(errors(alpha, fe, q))
     if after >= before:
-        return None
+        return None, before, after
     return alpha, fe, q, before, after
 
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 
 from .errors import InputError
 from .runfolder import RunFolder, parse_sets
@@ -81,8 +82,31 @@ def replay_overrides(run: RunFolder, engine: str | None, profile: str | None, se
         out.append(("engine.type", engine))
     if profile:
         out.append(("engine.profile", str(Path(profile).resolve()) if Path(profile).exists() else profile))
-    out += parse_sets(sets, run.path)
-    return out, used
+    user = parse_sets(sets, run.path)
+    order = slot_order(run, used.get("total_slots"))
+    if order and not any(k in ("engine.n_parallel", "engine.slot_order") for k, _ in user):
+        out.append(("engine.slot_order", order))
+        used["slot_order"] = f"{len(order)} slots, from the order the run's requests first got them"
+    return out + user, used
+
+
+def slot_order(run: RunFolder, n_slots: int | None) -> list | None:
+    """The llama-server slots' least-recently-used order when the run began, oldest first: the order in which
+    its requests (by send) first got each slot (client.csv server_slot), then the slots it never got.
+    llama-server gives a request the least recently used idle slot (server-context.cpp get_available_slot),
+    and every slot a run has used is more recent than those it has not, so each slot's first use follows
+    the order the slots had before the run. Without it a replay starts from never-used slots, and with one KV
+    stream per slot which slots decode together decides the forward passes (llamacpp_batch.py)."""
+    df = run.requests
+    if not n_slots or "server_slot" not in df.columns:
+        return None
+    s = df.sort_values("arrival_s", kind="stable")["server_slot"]
+    s = pd.to_numeric(s, errors="coerce").dropna().astype(np.int64)
+    s = s[(s >= 0) & (s < n_slots)]
+    if s.empty:
+        return None
+    first = list(dict.fromkeys(s.tolist()))
+    return first + [k for k in range(n_slots) if k not in set(first)]
 
 
 # ------------------------------------------------------------------ the plan

@@ -135,3 +135,31 @@ def test_fast_forward_gives_identical_records(tmp_path, name):
     v1, c1 = r1.itl
     v2, c2 = r2.itl
     assert np.isclose(np.repeat(v1, c1).sum(), np.repeat(v2, c2).sum())
+
+
+@pytest.mark.parametrize("order,picks", [(None, [3, 2, 1, 0, 3, 2]), ([2, 0], [3, 1, 2, 0, 3, 1]),
+                                         ([1, 3, 0, 2], [1, 3, 0, 2, 1, 3])])
+def test_slot_order_is_the_state_the_run_begins_in(order, picks):
+    """Sequential requests take never-used slots first (highest id first, as llama-server's `<=` scan), then
+    the slots used before the run, least recently used first, then the least recently released."""
+    one = {"name": "one", "arrival": {"type": "closed_loop", "users": 1, "think_time_s": 0.0, "think": "fixed"},
+           "prompt_tokens": {"type": "fixed", "value": 300}, "output_tokens": {"type": "fixed", "value": 4}}
+    sc = scenario([one], {"n_parallel": 4, "n_ctx": 8192, "slot_order": order}, num_requests=6)
+    w = World(sc)
+    eng, got = w.replicas[0].engine, []
+    pick = eng._pick_slot
+    eng._pick_slot = lambda req: got.append(pick(req)[0]) or pick(req)
+    w.run()
+    assert got == picks
+
+
+@pytest.mark.parametrize("order,needle", [([0, 0], "appears twice"), ([4], "not one of n_parallel=4")])
+def test_bad_slot_order_is_refused_in_one_line(tmp_path, order, needle):
+    import yaml
+    p = tmp_path / "s.yaml"
+    p.write_text(yaml.safe_dump({"name": "s", "workload": {"classes": [burst()]},
+                                 "engine": {"type": "llamacpp", "n_parallel": 4, "slot_order": order}}))
+    from simulator.errors import InputError
+    with pytest.raises(InputError) as e:
+        load_scenario(p)
+    assert needle in str(e.value) and "slot_order" in str(e.value) and "\n" not in str(e.value)

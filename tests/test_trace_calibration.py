@@ -104,7 +104,7 @@ def test_real_profiles_are_the_fit_of_their_probe_runs(name, engine):
 # bench/fidelity.py's medians of |error| over the held-out runs, as the README quotes them (percent), plus 5
 # points of slack: a change that makes a prediction worse than the quoted figure fails here
 QUOTED = {"continuous": {"ttft.p50": 16.1, "ttft.p95": 24.3, "tpot.p50": 5.3, "tpot.p95": 11.8, "e2e.p50": 5.4, "e2e.p95": 8.2},
-          "llamacpp": {"ttft.p50": 9.7, "ttft.p95": 12.1, "tpot.p50": 8.7, "tpot.p95": 4.2, "e2e.p50": 13.6, "e2e.p95": 7.3}}
+          "llamacpp": {"ttft.p50": 5.9, "ttft.p95": 11.0, "tpot.p50": 2.7, "tpot.p95": 4.1, "e2e.p50": 4.9, "e2e.p95": 5.0}}
 
 
 def test_held_out_errors_stay_within_the_bench_figures(tmp_path):
@@ -137,3 +137,30 @@ def test_runs_without_token_times_or_with_errors_only_are_refused(tmp_path):
         r = cli("calibrate", str(tmp_path / folder), "--out", str(tmp_path / f"{folder}.yaml"))
         assert r.returncode == 2 and needle in r.stderr and r.stderr.count("\n") == 1, r.stderr
         assert not (tmp_path / f"{folder}.yaml").exists()
+
+
+def test_replay_starts_from_the_slots_the_run_found():
+    """A llama-server run inherits its slots' recency from what ran before it: the order its requests first
+    got each slot is that recency (client.csv server_slot), and the replay starts from it."""
+    from simulator.replay import replay_overrides, slot_order
+    run = load_run_folder(REAL / "llamacpp-h200-llama3-8b-f16" / "heldout" / "heldout_poisson_r0.5")
+    first = run.requests.sort_values("arrival_s")["server_slot"].astype(int).tolist()
+    order = slot_order(run, 16)
+    assert sorted(order) == list(range(16)) and order[:len(set(first))] == list(dict.fromkeys(first))
+    ov, used = replay_overrides(run, "llamacpp", None, [])
+    assert ("engine.slot_order", order) in ov and "slot_order" in used
+    ov, _ = replay_overrides(run, "llamacpp", None, ["engine.n_parallel=8"])  # the user's slots: no order
+    assert not any(k == "engine.slot_order" for k, _ in ov)
+    vllm = load_run_folder(REAL / "vllm-0.26-h200-llama3-8b" / "heldout" / "heldout_poisson_r4")
+    assert slot_order(vllm, None) is None
+
+
+def test_refining_leaves_out_runs_past_saturation():
+    from simulator.calibrate_runs import _saturated
+    probe = REAL / "llamacpp-h200-llama3-8b-f16" / "probe"
+    assert _saturated(load_run_folder(probe / "probe_poisson_r3"))  # TTFT 0.39 s -> 3.7 s over the run
+    assert _saturated(load_run_folder(probe / "probe_poisson_r2")) is None
+    for r in ("probe_poisson_r4", "probe_poisson_r16", "probe_poisson_r32"):
+        assert _saturated(load_run_folder(REAL / "vllm-0.26-h200-llama3-8b" / "probe" / r)) is None
+    fit = yaml.safe_load((REAL / "llamacpp-h200-llama3-8b-f16" / "profile.yaml").read_text())["fit"]
+    assert list(fit["refine_left_out_past_saturation"]) == ["probe_poisson_r3"]

@@ -60,6 +60,9 @@ class LlamaCpp(EngineBase):
         # releases slots in id order, so of two slots freed in one step the lower id is older; never-used
         # slots tie at -1 and its `<=` scan ends on the highest id
         self.last_used = [(-1.0, -i) for i in range(self.n_slots)]
+        order = cfg.slot_order or ()
+        for k, s in enumerate(order):  # used before the run, oldest first: after every never-used slot
+            self.last_used[s] = (-1.0 + (k + 1) / (len(order) + 1), 0)
         self.released = 0
         self.unsaved = [0] * self.n_slots  # tokens of an idle slot not yet copied to the prompt cache
         self.save_all = cfg.cache_idle_slots
