@@ -10,12 +10,16 @@ server) drives static batching, continuous batching and llama.cpp slots alike:
          + decode_ctx_s * decode_ctx                                          # Σ context read by decodes
          + decode_seq_s * n_decode                                            # per-sequence sampling etc.
          + ubatch_s * (passes - 1)                                            # forward passes beyond the first
+         + batched_pass_s * batched                                           # passes of more than one token
 
 `passes` is how many forward passes (ubatches) the step's batch is cut into. vLLM runs one per step. llama.cpp
 cuts a batch into ubatches of at most n_ubatch tokens (llama-context.cpp decode), and with one KV stream per
 slot (llama-server's default for an explicit `--parallel N`) a ubatch holds only slots of consecutive ids
 (llama-kv-cache.cpp init_batch -> llama-batch.cpp split_equal(sequential)), so busy slots 0,1,2,5 decode in
 two passes; each pass launches the whole graph and reads the weights again (engines/llamacpp_batch.py).
+`batched` counts those passes that hold more than one token: ggml's CUDA backend replays a one-token pass as a
+CUDA graph but launches a larger one kernel by kernel (ggml-cuda.cu, "batch size > 1"); the vLLM-like engines
+leave it at 0 (their one pass per step is priced by the other terms).
 
 The `max` is a roofline: small steps are bound by reading the weights once, large ones by
 matrix-multiply throughput. All coefficients are seconds.
@@ -30,7 +34,7 @@ import numpy as np
 
 PROFILE_DIR = Path(__file__).parent / "profiles"
 COEFFICIENTS = ("overhead_s", "prefill_overhead_s", "weights_s", "linear_per_token_s", "prefill_attn_s", "decode_ctx_s",
-                "decode_seq_s", "ubatch_s", "slot_save_s")
+                "decode_seq_s", "ubatch_s", "batched_pass_s", "slot_save_s")
 
 
 @dataclass(frozen=True)
@@ -43,6 +47,7 @@ class CostModel:
     decode_ctx_s: float = 2.0e-8
     decode_seq_s: float = 1.0e-4
     ubatch_s: float = 0.0
+    batched_pass_s: float = 0.0
     # llama.cpp only: seconds per token to copy an idle slot's KV state into the host prompt cache, which
     # llama-server does for every idle slot not yet cached each time it launches a task (engines/llamacpp.py)
     slot_save_s: float = 0.0
@@ -62,16 +67,18 @@ class CostModel:
     meta: dict = field(default_factory=dict, compare=False)
 
     def step_time(self, prefill_tokens: float, prefill_attn: float, n_decode: float, decode_ctx: float,
-                  passes: int = 1) -> float:
+                  passes: int = 1, batched: int = 0) -> float:
         linear = self.linear_per_token_s * (prefill_tokens + n_decode)
         if linear < self.weights_s:
             linear = self.weights_s
         t = (self.overhead_s + (self.prefill_overhead_s if prefill_tokens > 0 else 0.0)
              + linear + self.prefill_attn_s * prefill_attn
              + self.decode_ctx_s * decode_ctx + self.decode_seq_s * n_decode)
+        if batched:
+            t += self.batched_pass_s * batched
         return t + self.ubatch_s * (passes - 1) if passes > 1 else t
 
-    def step_times(self, prefill_tokens, prefill_attn, n_decode, decode_ctx, passes=1) -> np.ndarray:
+    def step_times(self, prefill_tokens, prefill_attn, n_decode, decode_ctx, passes=1, batched=0) -> np.ndarray:
         """Vectorised step_time over arrays (fast-forward and fitting)."""
         pf = np.asarray(prefill_tokens, dtype=float)
         tokens = pf + np.asarray(n_decode, dtype=float)
@@ -81,6 +88,8 @@ class CostModel:
              + self.decode_seq_s * np.asarray(n_decode, dtype=float))
         if self.ubatch_s and np.any(np.asarray(passes) > 1):
             t = t + self.ubatch_s * (np.asarray(passes, dtype=float) - 1)
+        if self.batched_pass_s and np.any(np.asarray(batched) > 0):
+            t = t + self.batched_pass_s * np.asarray(batched, dtype=float)
         return t
 
     def prefill_time(self, prompt_lens) -> float:

@@ -29,6 +29,7 @@ _LINEAR = {"overhead_s": lambda df: np.ones(len(df)),
            "decode_ctx_s": lambda df: df["decode_ctx"].to_numpy(float),
            "decode_seq_s": lambda df: df["n_decode"].to_numpy(float),
            "ubatch_s": lambda df: _extra_passes(df),
+           "batched_pass_s": lambda df: _optional(df, "batched_passes"),
            "slot_save_s": lambda df: _save_tokens(df)}
 # A coefficient whose term is below this fraction of every observed step is noise from the
 # optimiser (e.g. 1e-22 s), not a measurement, and is written as 0.
@@ -54,7 +55,7 @@ def _save_tokens(df: pd.DataFrame) -> np.ndarray:
 def measured_interval(model: CostModel, df: pd.DataFrame) -> np.ndarray:
     """What one row's time_s covers: the step, and any prompt-cache save that stalled the loop before it."""
     t = model.step_times(df["prefill_tokens"], df["prefill_attn"], df["n_decode"], df["decode_ctx"],
-                         1 + _extra_passes(df))
+                         1 + _extra_passes(df), _optional(df, "batched_passes"))
     return t + model.slot_save_s * _save_tokens(df) if model.slot_save_s else t
 
 
@@ -177,6 +178,8 @@ def _unidentifiable(df: pd.DataFrame, fixed: dict) -> dict:
     held = {}
     if "ubatch_s" not in fixed and not (_extra_passes(df) > 0).any():
         held["ubatch_s"] = "no step ran as more than one forward pass"
+    if "batched_pass_s" not in fixed and not (_optional(df, "batched_passes") > 0).any():
+        held["batched_pass_s"] = "no step's passes were known to hold more than one token (llama.cpp slots)"
     if "slot_save_s" not in fixed and not (_save_tokens(df) > 0).any():
         held["slot_save_s"] = "no step followed a save of idle slots to a prompt cache"
     if "prefill_overhead_s" in fixed:

@@ -17,11 +17,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 
 from .errors import InputError
 from .runfolder import RunFolder, parse_sets
 from .scenario import Engine, Scenario, scenario_from_dict
+from .slotstate import predecessor, slot_overrides
 from .workload import Stream, build_stream
 from .world import World
 
@@ -65,8 +65,10 @@ class ReplayPlan:
 
 
 # ------------------------------------------------------------------ scenario
-def replay_overrides(run: RunFolder, engine: str | None, profile: str | None, sets: list[str] | None) -> tuple[list, dict]:
-    """(path, value) overrides in order: server facts, then --engine, --profile, --set (the user wins)."""
+def replay_overrides(run: RunFolder, engine: str | None, profile: str | None, sets: list[str] | None,
+                     after: RunFolder | None = None) -> tuple[list, dict]:
+    """(path, value) overrides in order: server facts, then --engine, --profile, the slots' state at the start
+    (llama-server; `after`: the run measured just before on the same server), --set (the user wins)."""
     fields = Engine.model_fields
     out, used = [], {}
     facts = dict(run.facts)
@@ -83,30 +85,7 @@ def replay_overrides(run: RunFolder, engine: str | None, profile: str | None, se
     if profile:
         out.append(("engine.profile", str(Path(profile).resolve()) if Path(profile).exists() else profile))
     user = parse_sets(sets, run.path)
-    order = slot_order(run, used.get("total_slots"))
-    if order and not any(k in ("engine.n_parallel", "engine.slot_order") for k, _ in user):
-        out.append(("engine.slot_order", order))
-        used["slot_order"] = f"{len(order)} slots, from the order the run's requests first got them"
-    return out + user, used
-
-
-def slot_order(run: RunFolder, n_slots: int | None) -> list | None:
-    """The llama-server slots' least-recently-used order when the run began, oldest first: the order in which
-    its requests (by send) first got each slot (client.csv server_slot), then the slots it never got.
-    llama-server gives a request the least recently used idle slot (server-context.cpp get_available_slot),
-    and every slot a run has used is more recent than those it has not, so each slot's first use follows
-    the order the slots had before the run. Without it a replay starts from never-used slots, and with one KV
-    stream per slot which slots decode together decides the forward passes (llamacpp_batch.py)."""
-    df = run.requests
-    if not n_slots or "server_slot" not in df.columns:
-        return None
-    s = df.sort_values("arrival_s", kind="stable")["server_slot"]
-    s = pd.to_numeric(s, errors="coerce").dropna().astype(np.int64)
-    s = s[(s >= 0) & (s < n_slots)]
-    if s.empty:
-        return None
-    first = list(dict.fromkeys(s.tolist()))
-    return first + [k for k in range(n_slots) if k not in set(first)]
+    return out + slot_overrides(run, used, user, after) + user, used
 
 
 # ------------------------------------------------------------------ the plan
@@ -263,9 +242,12 @@ class ReplayWorld(World):
 
 
 def simulate_replay(run: RunFolder, engine: str | None = None, profile: str | None = None,
-                    sets: list[str] | None = None, progress=None):
-    """Simulate the run's request stream without writing anything (e.g. inside a fit). Returns (Result, plan)."""
-    overrides, used = replay_overrides(run, engine, profile, sets)
+                    sets: list[str] | None = None, progress=None, after: RunFolder | None = None):
+    """Simulate the run's request stream without writing anything (e.g. inside a fit). Returns (Result, plan).
+    `after`: the run measured just before on the same server (default: from a run_order.txt, slotstate.py)."""
+    if after is None and run.kind == "llamacpp":
+        after = predecessor(run)
+    overrides, used = replay_overrides(run, engine, profile, sets, after)
     sc = run.scenario(overrides)
     plan = build_plan(run, sc)
     plan.info.update(engine=sc.engine.type, profile=sc.engine.profile, server_facts_applied=used,
@@ -274,8 +256,9 @@ def simulate_replay(run: RunFolder, engine: str | None = None, profile: str | No
 
 
 def replay(run: RunFolder, out: Path, engine: str | None = None, profile: str | None = None,
-           sets: list[str] | None = None, plots: bool = True, progress=None) -> tuple[dict, ReplayPlan]:
+           sets: list[str] | None = None, plots: bool = True, progress=None,
+           after: RunFolder | None = None) -> tuple[dict, ReplayPlan]:
     """Simulate the run's request stream; write the report folder to `out`. Returns (summary, plan)."""
     from .run import write_result
-    result, plan = simulate_replay(run, engine, profile, sets, progress)
+    result, plan = simulate_replay(run, engine, profile, sets, progress, after)
     return write_result(result, out, plots, {"replay": plan.info}), plan

@@ -18,6 +18,8 @@ def replay(run_dir: Path = typer.Argument(..., help="a run folder written by str
                                                  help="cost profile name or YAML path (default: the run scenario's)"),
            engine: Optional[str] = typer.Option(None, "--engine", help="engine type, e.g. continuous or llamacpp"),
            set_: Optional[List[str]] = typer.Option(None, "--set", help="override a field of the run's scenario: path=value"),
+           after: Optional[Path] = typer.Option(None, "--after", help="the run measured just before on the same "
+                                                "server (llama-server: the slots it left, which the run inherits)"),
            out: Optional[Path] = typer.Option(None, "--out", help="report folder (default reports/<run>-replay)"),
            no_plots: bool = typer.Option(False, "--no-plots", help="skip PNG plots"),
            quiet: bool = typer.Option(False, "--quiet", "-q")):
@@ -30,7 +32,8 @@ def replay(run_dir: Path = typer.Argument(..., help="a run folder written by str
     check_out_dir(out)
     if out.resolve() == run.path.resolve():
         raise InputError(str(out), "--out", "is the run folder itself (its measured files would be overwritten)")
-    _, plan = run_replay(run, out, engine, profile, set_, plots=not no_plots)
+    prev = load_run_folder(after) if after is not None else None
+    _, plan = run_replay(run, out, engine, profile, set_, plots=not no_plots, after=prev)
     report = fidelity(run, out, out, plots=not no_plots, info=plan.info)
     if not quiet:
         _terminal(report, Console())

@@ -323,9 +323,11 @@ class Engine(Strict):
     n_ubatch: PosInt = 512  # llama.cpp's physical batch (common/common.h)
     kv_unified: bool = False  # one KV buffer for all slots (-kvu); llama-server's default for an explicit -np N is one stream per slot
     cache_idle_slots: bool = True  # llama-server copies idle slots to its host prompt cache at each task launch
-    # llama.cpp slots used before the run begins, least recently used first (a slot not named was never used,
-    # so is picked first); `sim replay` takes it from the slots a measured run's requests got
+    # llama.cpp slots when the run begins (simulator/slotstate.py: `sim replay` takes them from measured runs):
+    # those used before, least recently used first (a slot not named was never used, so is picked first), and
+    # the tokens each slot holds that the host prompt cache lacks (one number per slot)
     slot_order: Optional[list[NonNegInt]] = None
+    slot_tokens: Optional[list[NonNegInt]] = None
 
     @model_validator(mode="after")
     def _slots(self):
@@ -334,6 +336,8 @@ class Engine(Strict):
                 raise ValueError("slot_order: a slot id appears twice")
             if self.slot_order and max(self.slot_order) >= self.n_parallel:
                 raise ValueError(f"slot_order: slot {max(self.slot_order)} is not one of n_parallel={self.n_parallel}")
+        if self.slot_tokens is not None and len(self.slot_tokens) != self.n_parallel:
+            raise ValueError(f"slot_tokens: {len(self.slot_tokens)} numbers for n_parallel={self.n_parallel} slots")
         return self
 
 

@@ -58,22 +58,23 @@ def _requests(run: RunFolder) -> pd.DataFrame:
     return ok.set_index("request_id")
 
 
-def _extra_passes(req, f_arr, l_arr, c_time, probe, firsts, budget, ubatch) -> np.ndarray | None:
-    """Forward passes beyond the first of each step, from the slot that ran each request (client.csv
-    `server_slot`, llama-server's id_slot): the decoding slots at the step and the prompts whose first
-    token it emitted, cut as llama.cpp cuts a batch (engines/llamacpp_batch.py)."""
+def _extra_passes(req, f_arr, l_arr, c_time, probe, firsts, budget, ubatch) -> tuple | None:
+    """(forward passes beyond the first, passes of more than one token) of each step, from the slot that ran
+    each request (client.csv `server_slot`, llama-server's id_slot): the decoding slots at the step and the
+    prompts whose first token it emitted, cut as llama.cpp cuts a batch (engines/llamacpp_batch.py)."""
     if ubatch is None or "server_slot" not in req.columns:
         return None
     slot = pd.to_numeric(req["server_slot"], errors="coerce").to_numpy()
     if np.isnan(slot).any():
         return None
-    from .engines.llamacpp_batch import passes
+    from .engines.llamacpp_batch import pass_shape
     slot = slot.astype(np.int64)
     n_ubatch, unified = ubatch
     f_ord, l_ord = np.argsort(f_arr, kind="stable"), np.argsort(l_arr, kind="stable")
     active: dict = {}
     a = b = 0
     out = np.zeros(len(c_time), dtype=np.int64)
+    big = np.zeros(len(c_time), dtype=np.int64)
     for j in range(len(c_time)):
         while a < len(f_ord) and f_arr[f_ord[a]] < probe[j]:
             active[f_ord[a]] = slot[f_ord[a]]
@@ -84,18 +85,20 @@ def _extra_passes(req, f_arr, l_arr, c_time, probe, firsts, budget, ubatch) -> n
         dec = sorted(active.values())
         room = max(1, budget - len(dec))
         pre = sorted((int(slot[q]), int(min(req["P"].iat[q], room))) for q in firsts[j])
-        out[j] = passes(dec, pre, n_ubatch, unified) - 1
-    return out
+        n, big[j] = pass_shape(dec, pre, n_ubatch, unified)
+        out[j] = n - 1
+    return out, big
 
 
-def _slot_saves(start, l_arr, tokens, c_time, window) -> np.ndarray:
+def _slot_saves(start, l_arr, tokens, c_time, window, inherited: float = 0.0) -> np.ndarray:
     """Tokens llama-server copied to its prompt cache when it launched each request: every slot that went
     idle since the previous launch (its prompt and output), as its cache_idle_slots does on a new task
-    (server-context.cpp, common.h cache_idle_slots = true, cache_ram_mib 8192). A launch happens in the
-    loop between two steps, so it stalls the step that starts the request's prompt."""
+    (server-context.cpp, common.h cache_idle_slots = true, cache_ram_mib 8192), and at the run's first launch
+    what the run before left (`inherited`, simulator/slotstate.py). A launch happens in the loop between two
+    steps, so it stalls the step that starts the request's prompt."""
     saves = np.zeros(len(start))
     ends = np.argsort(l_arr, kind="stable")
-    k, pool = 0, 0.0
+    k, pool = 0, float(inherited)
     for q in np.argsort(start, kind="stable"):
         j = start[q]
         edge = c_time[j - 1] + window / 2 if j > 0 else -np.inf
@@ -104,6 +107,15 @@ def _slot_saves(start, l_arr, tokens, c_time, window) -> np.ndarray:
             k += 1
         saves[q], pool = pool, 0.0
     return saves
+
+
+def _inherited(run: RunFolder) -> float:
+    """Tokens the run before this one (run_order.txt) left in llama-server's slots, not in its prompt cache."""
+    from .slotstate import inherited_tokens, predecessor
+    n = run.facts.get("total_slots")
+    prev = predecessor(run) if isinstance(n, int) and n > 0 else None
+    held = inherited_tokens(prev, n) if prev is not None else None
+    return float(sum(held)) if held else 0.0
 
 
 def reconstruct(run: RunFolder, budget: int, window_fraction: float = WINDOW_FRACTION,
@@ -219,8 +231,9 @@ def reconstruct(run: RunFolder, budget: int, window_fraction: float = WINDOW_FRA
                 pf_attn[jj] += take * (ctx_before + take)
                 left -= take
                 jj -= 1
-    extra = _extra_passes(req, f_arr, l_arr, c_time, probe, firsts, budget, ubatch)
-    saves = _slot_saves(start, l_arr, P + out_total, c_time, window) if ubatch is not None else None
+    shape = _extra_passes(req, f_arr, l_arr, c_time, probe, firsts, budget, ubatch)
+    extra, batched = shape if shape is not None else (None, None)
+    saves = _slot_saves(start, l_arr, P + out_total, c_time, window, _inherited(run)) if ubatch is not None else None
     step_save = np.zeros(nc)
     if saves is not None:
         np.add.at(step_save, start, saves)
@@ -232,9 +245,10 @@ def reconstruct(run: RunFolder, budget: int, window_fraction: float = WINDOW_FRA
         # stream catching up), not a step: its relative error would swamp every real one
         if busy and clean and d > 0.2 * med_gap:
             rows.append((int(pf_tokens[j]), float(pf_attn[j]), int(n_active[j]), float(ctx[j]), d, c_time[j],
-                         int(extra[j]) if extra is not None else 0, float(step_save[j])))
+                         int(extra[j]) if extra is not None else 0, float(step_save[j]),
+                         int(batched[j]) if batched is not None else 0))
     steps = pd.DataFrame(rows, columns=["prefill_tokens", "prefill_attn", "n_decode", "decode_ctx", "time_s", "t_s",
-                                        "extra_passes", "save_tokens"])
+                                        "extra_passes", "save_tokens", "batched_passes"])
     steps["run"] = run.name
 
     # -- requests sent to an idle server: nothing else in flight from their send to their first token

@@ -6,6 +6,8 @@
     DIR/probe_poisson_r{R}/       Poisson at R req/s, mixed lengths
     DIR/heldout/heldout_poisson_r{R}/   (--heldout-rates) traffic calibration never sees, for `sim replay`
 
+    DIR/run_order.txt             the folders in the order they ran (each run inherits the server's state
+                                  from the one before: sim replay and sim calibrate read it)
 The probes and their scenarios are in scenarios/probe_*.yaml; every folder is an ordinary stress run.
 """
 from __future__ import annotations
@@ -18,6 +20,7 @@ from simulator.scenario import load_scenario
 
 from .run import run_stress
 from .runner import Options
+from simulator.slotstate import RUN_ORDER
 
 SCENARIOS = Path(__file__).resolve().parents[1] / "scenarios"
 
@@ -57,4 +60,8 @@ def run_probe(opts: Options, out: Path, users, contexts, rates, heldout_rates, e
         oc = s["requests"]["outcomes"]
         log(f"    {oc}", file=sys.stderr)
         done.append(dest)
+        # the order the runs met the server in, appended as each ends: a run inherits the server's state from
+        # the one before (llama-server's slots; simulator/slotstate.py), which sim replay and calibrate read
+        with open(Path(out) / RUN_ORDER, "a") as f:
+            f.write(folder + "\n")
     return done

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from simulator.engines.llamacpp_batch import passes
+from simulator.engines.llamacpp_batch import pass_shape, passes
 
 REAL = Path(__file__).parent / "data" / "real" / "llamacpp-h200-llama3-8b-f16"
 
@@ -56,3 +56,50 @@ def test_pass_count_explains_measured_steps():
     with_pass = np.median(np.abs(evaluate(prof, dec)["error_pct"]))
     without = np.median(np.abs(evaluate(prof, dec.assign(extra_passes=0))["error_pct"]))
     assert with_pass < 15 and with_pass < 0.5 * without, (with_pass, without)
+
+
+@pytest.mark.parametrize("dec,pre,unified,shape", [
+    ([0], [], False, (1, 0)),                 # one token: a CUDA graph
+    ([0, 1, 2, 3], [], False, (1, 1)),
+    ([0, 2], [], False, (2, 0)),              # two one-token passes, both graphs
+    ([0, 1, 5], [], False, (2, 1)),           # {0,1} launched kernel by kernel, {5} a graph
+    ([3], [(4, 2048)], False, (1, 1)),        # the decode shares its pass with prompt tokens
+    ([0], [], True, (1, 0)),
+    ([0], [(3, 100)], True, (1, 1)),
+    ([], [(3, 100)], True, (1, 0)),           # prompt only: no decode pass
+])
+def test_passes_of_more_than_one_token(dec, pre, unified, shape):
+    assert pass_shape(dec, pre, 512, unified) == shape
+
+
+def test_a_pass_of_one_token_is_cheaper_than_its_share_of_a_larger_one():
+    """What batched_pass_s prices, in the measured steps (probe and held-out runs alike): one slot decodes in
+    ~5.4 ms, two slots in one pass take longer than two one-token passes would take in their share; and the
+    profile fitted with the term predicts decode steps better than with it held at zero."""
+    import pandas as pd
+    from simulator.costmodel import load_profile
+    from simulator.fitting import evaluate
+    from simulator.runfolder import load_run_folder
+    from simulator.tracefit import reconstruct
+    dec = []
+    for run in ("heldout_poisson_r1.5", "heldout_poisson_r2.5", "heldout_poisson_r4"):
+        st = reconstruct(load_run_folder(REAL / "heldout" / run), 2048, ubatch=(512, False)).steps
+        dec.append(st[(st.prefill_tokens == 0) & (st.save_tokens == 0)])
+    dec = pd.concat(dec, ignore_index=True)
+    sweep = []
+    for run in ("probe_decode_c4_p256", "probe_decode_c4_p2048", "probe_decode_c8_p256", "probe_decode_c8_p2048",
+                "probe_poisson_r1", "probe_poisson_r2", "probe_poisson_r3"):
+        st = reconstruct(load_run_folder(REAL / "probe" / run), 2048, ubatch=(512, False)).steps
+        sweep.append(st[(st.prefill_tokens == 0) & (st.save_tokens == 0)])
+    sweep = pd.concat(sweep, ignore_index=True)
+    one = sweep[(sweep.n_decode == 1)].time_s.median()
+    two_one_pass = sweep[(sweep.n_decode == 2) & (sweep.extra_passes == 0)].time_s.median()
+    four = sweep[sweep.n_decode == 4].groupby("extra_passes").time_s.median()
+    # 4 slots: 1 -> 2 passes costs far more than 2 -> 3 or 3 -> 4 (the second pass of >1 token loses the graph)
+    assert four[1] - four[0] > 2 * max(four[2] - four[1], four[3] - four[2]), four
+    assert two_one_pass > 1.4 * one, (one, two_one_pass)
+    prof = load_profile(str(REAL / "profile.yaml"))
+    assert prof.batched_pass_s > 0
+    with_term = np.median(np.abs(evaluate(prof, dec)["error_pct"]))
+    without = np.median(np.abs(evaluate(prof, dec.assign(batched_passes=0))["error_pct"]))
+    assert with_term < 8 and with_term < 0.5 * without, (with_term, without)

@@ -269,6 +269,12 @@ def test_bad_run_folders_are_one_line_errors(measured, tmp_path):
     _one_line(cli.invoke(app, ["replay", str(measured), "--engine", "tgi", *out]), "engine.type")
     _one_line(cli.invoke(app, ["replay", str(measured), "--profile", "nope", *out]), "no such profile")
     _one_line(cli.invoke(app, ["replay", str(measured), "--set", "engine.max_num_seqs=-1", *out]), "engine.max_num_seqs")
+    _one_line(cli.invoke(app, ["replay", str(measured), "--after", str(tmp_path / "nope"), *out]), "run folder not found")
+    llama = tmp_path / "ll"
+    shutil.copytree(Path(__file__).parent / "data" / "real" / "llamacpp-h200-llama3-8b-f16" / "heldout" /
+                    "heldout_poisson_r0.5", llama / "r")
+    (llama / "run_order.txt").write_text("gone\nr\n")  # the run before it is not there
+    _one_line(cli.invoke(app, ["replay", str(llama / "r"), *out]), "run_order.txt: gone: listed before the run")
     assert not (tmp_path / "out").exists()  # nothing half-written
 
 
@@ -299,3 +305,13 @@ def test_bench_fidelity_tables_a_data_set(measured, tmp_path):
     r = subprocess.run([sys.executable, str(ROOT / "bench" / "fidelity.py"), "--data", str(tmp_path / "none")],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and r.stderr.startswith("error: ") and "no data set" in r.stderr
+
+
+def test_after_names_the_run_whose_slots_a_llama_server_run_inherits(tmp_path):
+    real = Path(__file__).parent / "data" / "real" / "llamacpp-h200-llama3-8b-f16"
+    run, prev = real / "heldout" / "heldout_poisson_r1.5", real / "probe" / "probe_poisson_r3"
+    r = CliRunner().invoke(app, ["replay", str(run), "--after", str(prev), "--profile", str(real / "profile.yaml"),
+                                 "--out", str(tmp_path / "o"), "-q", "--no-plots"])
+    assert r.exit_code == 0, r.output
+    applied = json.loads((tmp_path / "o" / "summary.json").read_text())["replay"]["server_facts_applied"]
+    assert "left by probe_poisson_r3" in applied["slot_tokens"] and "slot_order" in applied

@@ -36,7 +36,7 @@ import numpy as np
 from ..errors import InputError
 from . import ENGINES
 from .base import EngineBase
-from .llamacpp_batch import passes
+from .llamacpp_batch import pass_shape
 
 SLOT_PROMPT_SIMILARITY = 0.1  # llama-server's default --slot-prompt-similarity
 
@@ -64,7 +64,8 @@ class LlamaCpp(EngineBase):
         for k, s in enumerate(order):  # used before the run, oldest first: after every never-used slot
             self.last_used[s] = (-1.0 + (k + 1) / (len(order) + 1), 0)
         self.released = 0
-        self.unsaved = [0] * self.n_slots  # tokens of an idle slot not yet copied to the prompt cache
+        # tokens of an idle slot not yet copied to the prompt cache (a run inherits those of the one before)
+        self.unsaved = list(cfg.slot_tokens) if cfg.slot_tokens else [0] * self.n_slots
         self.save_all = cfg.cache_idle_slots
         self.save_s = 0.0
         self.slot_prefix: list = [None] * self.n_slots  # prefix hashes of the prompt a slot last held
@@ -253,9 +254,9 @@ class LlamaCpp(EngineBase):
             budget -= c
             ptoks += c
             pattn += c * (r.prefilled + c)
-        np_ = passes(decs, chunks, self.n_ubatch, self.unified)
+        np_, nb = pass_shape(decs, chunks, self.n_ubatch, self.unified)
         self.passes += np_
-        dt = self.cost.step_time(ptoks, pattn, len(decs), dctx, np_)
+        dt = self.cost.step_time(ptoks, pattn, len(decs), dctx, np_, nb)
         t0 = self.t
         t1 = t0 + dt
         yield env.timeout(max(0.0, t1 - env.now))
@@ -291,8 +292,8 @@ class LlamaCpp(EngineBase):
         n = len(rs)
         k = min(self.limit[s] - slots[s].generated for s in decs) if self.cfg.fast_forward else 1
         ctx = sum(r.prompt + r.generated for r in rs)
-        np_ = passes(decs, (), self.n_ubatch, self.unified)
-        times = self.cost.step_times(0, 0, n, ctx + n * np.arange(k), np_)
+        np_, nb = pass_shape(decs, (), self.n_ubatch, self.unified)
+        times = self.cost.step_times(0, 0, n, ctx + n * np.arange(k), np_, nb)
         t0 = self.t
         ends = np.cumsum(np.concatenate(((t0,), times)))[1:]  # in-order sums: the step-by-step clock exactly
         dmin = min(r.deadline for r in rs)
