@@ -1,0 +1,21 @@
+#!/bin/bash
+# Device: `stress probe` against the server started by vllm_up.sh or llama_up.sh; the runs come back as one
+# tar under $OUT. KIND=vllm|llamacpp, PHASE=first (prefill and decode probes) | rest (Poisson, held-out).
+#   bash bench/gpu/probe.sh vllm first
+KIND=$1 PHASE=$2
+export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
+if [ "$KIND" = vllm ]; then
+  URL=http://127.0.0.1:8000
+  ARGS="--users 1,4,16,64,128,256 --contexts 256,2048 --rates 4,16,32 --heldout-rates 4,12,24,40"
+else
+  URL=http://127.0.0.1:8001
+  ARGS="--api llamacpp --prompt-word a --users 1,4,8,16 --contexts 256,2048 --rates 1,2,3 --heldout-rates 0.5,1.5,2.5,4"
+fi
+curl -sf $URL/health >/dev/null || { echo "server down"; tail -30 /tmp/$KIND.log; exit 1; }
+if [ "$PHASE" = first ]; then ONLY="--only probe_prefill --only probe_decode"; else ONLY="--only probe_poisson --only heldout"; fi
+python3 -c "from stress_tester.cli import app; app()" probe --base-url $URL --out /tmp/runs_$KIND $ARGS $ONLY 2>&1 | tail -40
+rc=$?
+find /tmp/runs_$KIND \( -name report.md -o -name "*.png" \) -delete
+tar czf $OUT/${KIND}_$PHASE.tgz -C /tmp runs_$KIND && ls -la $OUT
+grep -iE "error|Traceback" /tmp/$KIND.log | tail -5
+exit $rc
