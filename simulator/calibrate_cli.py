@@ -244,6 +244,21 @@ def _calibrate_runs(folders, name, out, sim_engine, budget, force, info, gpu, re
     fe = report["frontend_fit"]
     print(f"front end: {report['frontend_s'] * 1e3:.2f} ms before the scheduler (from {fe['requests']} requests "
           f"sent to an idle server, median |error| {fe['median_abs_ms']} ms)")
+    _hidden_note(report.get("hidden_hits") or {})
     print(f"steps reconstructed: {sum(r['steps'] for r in report['runs'])} from {len(folders)} runs; "
           f"{fit_meta['trimmed_rows']} left out as > 35 % off, {fit_meta['cached_prefill_steps']} as prefix-cache hits")
     print(f"profile: {path} (engine.profile: {path})")
+
+
+def _hidden_note(hits: dict) -> None:
+    """One line when vLLM's prefix cache served prompt tokens the client cannot attribute to requests."""
+    from .calibrate_runs import HIDDEN_HIT_PCT
+    unknown = [k for k, v in hits.items() if v is None]
+    high = {k: v for k, v in hits.items() if v is not None and v > HIDDEN_HIT_PCT}
+    if not unknown and not high:
+        return
+    what = (f"served {', '.join(f'{v:g} %' for v in list(high.values())[:3])} of the prompt tokens of "
+            f"{', '.join(list(high)[:3])}{' ...' if len(high) > 3 else ''} (its counters)" if high else
+            f"may have served prompt tokens of {len(unknown)} run(s) (no per-request counts, no counters read)")
+    print(f"vLLM's prefix cache {what} without saying for which requests: busy steps' prefill is priced from "
+          "the idle sweep; vLLM started with --enable-prompt-tokens-details says it per request")

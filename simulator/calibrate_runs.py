@@ -67,6 +67,19 @@ def _reports_cached(run) -> bool:
     return c is not None and bool(c.notna().any())
 
 
+HIDDEN_HIT_PCT = 1.0  # a prefix cache that served more of a run's prompt tokens than this, unattributed
+
+
+def _hidden_hits(run) -> float | None:
+    """% of the run's prompt tokens a vLLM prefix cache served without saying for which requests: 0 when
+    client.csv has prefix_cached_tokens, the server's counters when it has them (RunFolder.prefix_cache),
+    else None (unknown: vLLM caches prefixes by default)."""
+    if run.kind != "vllm" or _reports_cached(run):
+        return 0.0
+    pc = run.prefix_cache()
+    return pc["hit_pct"] if pc is not None else None
+
+
 def _prefill_from_sweep(pf: pd.DataFrame, steps: pd.DataFrame, model: CostModel) -> dict:
     """The prefill terms when busy steps' prefills may be served from a hidden prefix cache.
 
@@ -168,7 +181,8 @@ def calibrate_runs(folders: list, engine: str, name: str, budget: int | None = N
                        "run": long["run"]})
     pf = pf[pf["time_s"] > 0]
     fixed = None
-    hidden = any(r.kind == "vllm" and not _reports_cached(r) for r in runs)
+    hits = {r.name: _hidden_hits(r) for r in runs if r.kind == "vllm"}
+    hidden = any(h is None or h > HIDDEN_HIT_PCT for h in hits.values())
     # the sweep must reach long prompts, or its slope and curvature cannot be told apart (a 1,024-token sweep
     # of the twin put 2.3x its prefill time on a 4,096-token prompt)
     if hidden and len(pf) and pf["prefill_tokens"].max() >= 4096:
@@ -221,7 +235,10 @@ def calibrate_runs(folders: list, engine: str, name: str, budget: int | None = N
     fit_meta["prefill_terms_from"] = ("the idle prefill sweep (the server's prefix cache hides hits in busy steps)"
                                       if fixed else "busy steps and the idle prefill sweep")
     fit_meta["median_abs_error_pct_by_emit_lag"] = lag_scores
-    report = {"fit": fit_meta, "frontend_s": round(frontend, 6),
+    if hits:  # what vLLM's prefix cache served that the client could not attribute to requests
+        known = {k: v for k, v in hits.items() if v is not None}
+        fit_meta["unattributed_prefix_cache_hit_pct"] = known or "not reported (no per-request counts, no counters)"
+    report = {"fit": fit_meta, "frontend_s": round(frontend, 6), "hidden_hits": hits,
               "frontend_fit": {"requests": int(len(base)), "median_abs_ms": round(float(np.median(np.abs(fe_err))) * 1e3, 3)},
               "runs": [p.info for p in parts], "per_run": per_run, "server_kinds": list(kinds), "facts": facts,
               "budget_tokens": budget}

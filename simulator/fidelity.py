@@ -172,6 +172,12 @@ def markdown(report: dict) -> str:
          f"Simulated with engine `{r['engine']}`, profile `{r['profile']}` ({r['server_kind']} server); "
          f"{r['replayed']} requests replayed at their measured send times, {r['left_out']} never sent left out. "
          "Error = (sim − measured) / measured; latencies in ms over `ok` requests of each run's measured window.", ""]
+    pc = r.get("prefix_cache")
+    if pc:
+        L += [f"The server's prefix cache served {pc['hit_pct']:g} % of the run's prompt tokens ({pc['hit_tokens']:,} of "
+              f"{pc['queried_tokens']:,}, its counters); the replay knew which requests for {pc['attributed_tokens']:,} "
+              "(client.csv prefix_cached_tokens)" + (": the rest were computed in full, so prefill is over-predicted."
+                                                     if pc["hit_tokens"] > 1.1 * pc["attributed_tokens"] + 100 else "."), ""]
     ov = r["table"]["overall"]["metrics"]
     L += ["## Overall error at a glance", "", "| | " + " | ".join(PCTS) + " |", "|---|" + "---:|" * len(PCTS)]
     for m in METRICS:
@@ -212,6 +218,11 @@ def fidelity(run_folder, sim_dir: Path, out: Path, plots: bool = True, info: dic
               "profile": info.get("profile"), "server_kind": run_folder.kind,
               "replayed": info.get("requests_replayed"), "left_out": info.get("left_out_not_sent"),
               "table": table(measured, sim), "per_request": per_request(mdf, sdf), "timeseries": ts["what"]}
+    pc = run_folder.prefix_cache()
+    if pc is not None:
+        col = run_folder.requests.get("prefix_cached_tokens")
+        pc["attributed_tokens"] = int(pd.to_numeric(col, errors="coerce").fillna(0).sum()) if col is not None else 0
+        report["prefix_cache"] = pc
     out.mkdir(parents=True, exist_ok=True)
     if plots:
         plot(out / "fidelity_timeseries.png", ts, mdf, sdf)

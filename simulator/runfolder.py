@@ -160,6 +160,23 @@ class RunFolder:
         s = self.server.get("samples") or []
         return pd.DataFrame(s, columns=["t_s", "running", "waiting"]) if s else pd.DataFrame(columns=["t_s", "running", "waiting"])
 
+    def prefix_cache(self) -> dict | None:
+        """What the server's prefix cache did during the run, from its counters read at the start and the end
+        (server.json start/end `prefix_cache`, vLLM's vllm:prefix_cache_queries/_hits): {"queried_tokens",
+        "hit_tokens", "hit_pct"}, or None when the server did not say."""
+        a = (self.server.get("start") or {}).get("prefix_cache") if isinstance(self.server.get("start"), dict) else None
+        b = (self.server.get("end") or {}).get("prefix_cache") if isinstance(self.server.get("end"), dict) else None
+        if not isinstance(a, dict) or not isinstance(b, dict):
+            return None
+        try:
+            q = float(b["queries"]) - float(a["queries"])
+            h = float(b["hits"]) - float(a["hits"])
+        except (KeyError, TypeError, ValueError):
+            return None
+        if not q > 0 or h < 0:  # nothing looked up, or a restarted server (counters back at 0)
+            return None
+        return {"queried_tokens": int(q), "hit_tokens": int(h), "hit_pct": round(100 * h / q, 2)}
+
     def scenario(self, overrides: list[tuple[str, object]] | None = None) -> Scenario:
         """The run's scenario with overrides ((path, value) pairs, applied in order)."""
         data = json.loads(json.dumps(self.scenario_data))  # a deep copy of plain YAML data

@@ -3,7 +3,9 @@ about once a second while it runs, into `server.json` and the report.
 
 Where each server says it:
 - vLLM: `/metrics` (Prometheus text): `vllm:cache_config_info` labels (block_size, num_gpu_blocks, ...),
-  `vllm:num_requests_running` / `vllm:num_requests_waiting` gauges; `/v1/models` gives `max_model_len`.
+  `vllm:num_requests_running` / `vllm:num_requests_waiting` gauges, the prefix-cache counters
+  `vllm:prefix_cache_queries_total` / `_hits_total` (tokens; the twin has them too); `/v1/models` gives
+  `max_model_len`.
 - llama.cpp `llama-server`: `/props` (total_slots, default_generation_settings.n_ctx = per-slot context),
   `/slots` (one entry per slot, `is_processing`, and the tokens a slot holds and its last task: a run inherits them), `/metrics` when started with --metrics
   (`llamacpp:requests_processing`, `llamacpp:requests_deferred`).
@@ -27,10 +29,10 @@ _GAUGE = re.compile(rb"^(vllm:num_requests_(?:running|waiting)|llamacpp:requests
                     re.M)
 
 
-def _get(client: httpx.Client, url: str):
+def _get(client: httpx.Client, url: str, headers: dict | None = None):
     """(status, text) or (None, error) — at most MAX_BODY bytes."""
     try:
-        with client.stream("GET", url) as r:
+        with client.stream("GET", url, headers=headers) as r:
             buf = bytearray()
             for chunk in r.iter_bytes():
                 buf += chunk
@@ -76,6 +78,24 @@ def parse_vllm_metrics(text: str) -> dict:
     return facts
 
 
+_PREFIX = re.compile(r"^vllm:prefix_cache_(queries|hits)(?:_total)?(?:\{[^}]*\})?\s+([0-9.eE+-]+)\s*$", re.M)
+
+
+def prefix_cache_counters(text: str) -> dict | None:
+    """vLLM's prefix-cache counters, in prompt tokens, summed over its engines: {"queries", "hits"} (V1:
+    vllm:prefix_cache_queries_total counts the tokens looked up when a request is scheduled,
+    vllm:prefix_cache_hits_total those the cache served); None when the server exposes neither."""
+    got = {"queries": 0.0, "hits": 0.0}
+    seen = False
+    for m in _PREFIX.finditer(text):
+        try:
+            got[m.group(1)] += float(m.group(2))
+            seen = True
+        except ValueError:
+            pass
+    return {k: _num(v) for k, v in got.items()} if seen else None
+
+
 def gauges(text: bytes | str) -> tuple:
     """(running, waiting) from a /metrics text, or (None, None)."""
     if isinstance(text, str):
@@ -97,11 +117,15 @@ def probe(base_url: str, model: str | None = None, timeout: float = TIMEOUT_S) -
         if isinstance(h, dict) and "sim_time_s" in h:
             kind = "twin"
             raw["health"] = h
-        st, text = _get(c, base + "/metrics") if kind == "unknown" else (None, "")
-        if st == 200 and "vllm:" in text:
-            kind = "vllm"
-            facts.update(parse_vllm_metrics(text))
-            raw["metrics_vllm"] = {k: v for k, v in facts.items()}
+        st, text = _get(c, base + "/metrics", {"Accept": "text/plain"})
+        if st == 200 and "vllm:" in text and kind in ("unknown", "twin"):
+            if kind == "unknown":
+                kind = "vllm"
+                facts.update(parse_vllm_metrics(text))
+                raw["metrics_vllm"] = {k: v for k, v in facts.items()}
+            pc = prefix_cache_counters(text)
+            if pc is not None:
+                raw["prefix_cache"] = pc  # a run's hits: end minus start (simulator/runfolder.py)
         elif st == 200 and "llamacpp:" in text:
             kind = "llamacpp"
             run, wait = gauges(text)

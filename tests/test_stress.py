@@ -398,3 +398,27 @@ def test_probe_bad_input_is_one_line(tmp_path, args, needle):
     lines = [x for x in result.stderr.splitlines() if x.strip()]
     assert len(lines) == 1 and lines[0].startswith("error:") and needle in lines[0], result.stderr
     assert not (tmp_path / "o").exists()
+
+
+def test_the_servers_prefix_cache_counters_give_the_runs_hits(tmp_path):
+    """vLLM's vllm:prefix_cache_queries/_hits counters (the twin keeps them as vLLM V1 does), read before and
+    after a run, say what its prefix cache served even when no response says it per request."""
+    from simulator.runfolder import load_run_folder
+    from stress_tester.facts import probe
+    d = {"name": "shared", "seed": 4, "num_requests": 24,
+         "engine": {"type": "continuous", "prefix_caching": True, "block_size": 16, "max_num_seqs": 16},
+         "workload": {"classes": [{"name": "c", "arrival": {"type": "poisson", "rate": 30}, "timeout_s": 20,
+                                   "prefix": {"groups": 2, "tokens": 256, "share": 1.0, "block_tokens": 64},
+                                   "prompt_tokens": {"type": "uniform", "low": 300, "high": 600},
+                                   "output_tokens": {"type": "fixed", "value": 4}}]}}
+    path = write(tmp_path, "shared", d)
+    with twin_server(path) as url:
+        before = probe(url)["raw"]["prefix_cache"]
+        stress(load_scenario(path), url, tmp_path / "run")
+        after = probe(url)["raw"]["prefix_cache"]
+    pc = load_run_folder(tmp_path / "run").prefix_cache()
+    assert pc["queried_tokens"] == after["queries"] - before["queries"] and pc["hit_tokens"] == after["hits"] - before["hits"]
+    df = pd.read_csv(tmp_path / "run" / "client.csv")
+    assert pc["queried_tokens"] == df.prompt_tokens_server.sum()  # every prompt looked up once (no preemption)
+    # 2 groups of 256 shared tokens in 64-token units: every request after its group's first hits 256
+    assert pc["hit_tokens"] == 256 * (24 - 2) and 0 < pc["hit_pct"] < 100

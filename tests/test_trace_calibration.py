@@ -201,3 +201,29 @@ def test_probe_records_the_order_its_runs_met_the_server(twin_probes):
     assert sorted(order) == sorted(p.name for p in twin_probes.iterdir() if p.is_dir())
     from simulator.slotstate import predecessor
     assert predecessor(load_run_folder(twin_probes / "probe_poisson_r8")).name == order[-2]
+
+
+def test_prefix_cache_hits_no_client_could_attribute(tmp_path, capsys):
+    """A vLLM run without per-request cached counts: its prefix-cache counters say how much was hidden."""
+    import json
+    import shutil
+    from simulator.calibrate_cli import _hidden_note
+    from simulator.calibrate_runs import _hidden_hits
+    src = REAL / "vllm-0.26-h200-llama3-8b" / "probe" / "probe_poisson_r4"
+    assert _hidden_hits(load_run_folder(src)) is None  # measured without the counters: unknown
+    run = tmp_path / "r"
+    shutil.copytree(src, run)
+    s = json.loads((run / "server.json").read_text())
+    s["start"]["prefix_cache"], s["end"]["prefix_cache"] = {"queries": 1000, "hits": 10}, {"queries": 81000, "hits": 24010}
+    (run / "server.json").write_text(json.dumps(s))
+    assert _hidden_hits(load_run_folder(run)) == 30.0
+    assert _hidden_hits(load_run_folder(REAL / "vllm-0.26-h200-llama3-8b" / "extra" / "cached_tokens_poisson_r16")) == 0
+    _hidden_note({"r": 30.0, "q": 0.2})
+    _hidden_note({"q": 0.2})  # under 1 %: nothing to say
+    out = capsys.readouterr().out
+    assert out.count("\n") == 1 and "30 % of the prompt tokens of r" in out and "--enable-prompt-tokens-details" in out
+    r = cli("replay", str(run), "--profile", str(REAL / "vllm-0.26-h200-llama3-8b" / "profile.yaml"),
+            "--out", str(tmp_path / "rep"), "-q", "--no-plots")
+    assert r.returncode == 0, r.stderr[-2000:]
+    md = (tmp_path / "rep" / "fidelity.md").read_text()
+    assert "prefix cache served 30 % of the run's prompt tokens (24,000 of 80,000" in md and "over-predicted" in md

@@ -4,7 +4,8 @@ works against `sim serve` unchanged.
 Names, types, label names (`model_name`, `engine`) and bucket layouts follow vLLM's V1
 `PrometheusStatLogger` (vllm-project/vllm, vllm/v1/metrics/loggers.py, read at commit 005a810b):
 scheduler gauges vllm:num_requests_running / _waiting and vllm:kv_cache_usage_perc per engine
-(here: per replica), counters vllm:prompt_tokens, vllm:generation_tokens, vllm:num_preemptions and
+(here: per replica), counters vllm:prompt_tokens, vllm:generation_tokens, vllm:num_preemptions,
+vllm:prefix_cache_queries / _hits (tokens) and
 vllm:request_success{finished_reason=stop|length|abort}, histograms vllm:time_to_first_token_seconds,
 vllm:time_per_output_token_seconds (and vllm:inter_token_latency_seconds, the newer releases' name,
 one observation per gap, with the same buckets), vllm:e2e_request_latency_seconds and
@@ -185,6 +186,19 @@ class VllmMetrics:
             waiting.add_metric(lab, len(r.engine.queue))
             kv.add_metric(lab, float(r.engine.kv_util()))
         yield from (running, waiting, kv)
+        # vLLM V1's prefix-cache counters (vllm/v1/metrics/loggers.py): tokens looked up when a request is
+        # scheduled, and those its cache served; continuous-batching replicas only (they model the cache)
+        queries = CounterMetricFamily("vllm:prefix_cache_queries", "Prefix cache queries, in terms of number of "
+                                      "queried tokens.", labels=LABELS)
+        hits = CounterMetricFamily("vllm:prefix_cache_hits", "Prefix cache hits, in terms of number of cached tokens.",
+                                   labels=LABELS)
+        cached = [r for r in w.replicas if hasattr(r.engine, "admitted_tokens")]
+        for r in cached:
+            lab = [r.model if r.model != "*" else self.default_model, str(r.index)]
+            queries.add_metric(lab, r.engine.admitted_tokens)
+            hits.add_metric(lab, r.engine.hit_tokens)
+        if cached:
+            yield from (queries, hits)
         infos = cache_info(self.sc, w.replicas)
         if infos:
             g = GaugeMetricFamily("vllm:cache_config_info", "Information of the LLMEngine CacheConfig",
