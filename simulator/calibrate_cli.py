@@ -245,6 +245,9 @@ def _calibrate_runs(folders, name, out, sim_engine, budget, force, info, gpu, re
     print(f"front end: {report['frontend_s'] * 1e3:.2f} ms before the scheduler (from {fe['requests']} requests "
           f"sent to an idle server, median |error| {fe['median_abs_ms']} ms)")
     _hidden_note(report.get("hidden_hits") or {})
+    if fit_meta.get("kv_unified"):
+        print("the steps fit one KV buffer shared by all slots (llama-server --kv-unified) better than one per slot: "
+              "replay with --set engine.kv_unified=true")
     print(f"steps reconstructed: {sum(r['steps'] for r in report['runs'])} from {len(folders)} runs; "
           f"{fit_meta['trimmed_rows']} left out as > 35 % off, {fit_meta['cached_prefill_steps']} as prefix-cache hits")
     print(f"profile: {path} (engine.profile: {path})")

@@ -113,25 +113,33 @@ def _prefill_from_sweep(pf: pd.DataFrame, steps: pd.DataFrame, model: CostModel)
     return {"prefill_overhead_s": over, "linear_per_token_s": float(lin), "prefill_attn_s": float(attn)}
 
 
-def _choose_lag(runs, budget, ubatch):
-    """Steps reconstructed with an emission lag of 0 and of 1 step (tracefit.reconstruct: vLLM's async
-    scheduling sends a step's tokens at the end of the next one); the lag whose steps the cost model fits
-    better (median absolute error over all steps, none trimmed) is kept. llama-server has no such lag: its
-    loop decodes a batch, samples and sends every slot's token, then builds the next batch
-    (tools/server/server-context.cpp update_slots), so llama.cpp runs (ubatch given) take lag 0 only; the two
-    scores there differ by less than the steps' noise (3.50 against 3.39 % on the H200 probes)."""
+def _choose_lag(runs, budget, llama: bool):
+    """Steps reconstructed under each reading of the server the client cannot see, and the one whose steps the
+    cost model fits better (median absolute error over all steps, none trimmed) is kept.
+    - vLLM: an emission lag of 0 or 1 step (tracefit.reconstruct: its async scheduling sends a step's tokens
+      at the end of the next one).
+    - llama-server has no such lag: it decodes a batch, samples and sends every slot's token, then builds the
+      next (tools/server/server-context.cpp update_slots); lag 0 (the two lags' scores on the H200 probes
+      differ by less than the steps' noise, 3.50 against 3.39 %). What it hides is its KV layout: one stream
+      per slot (`--parallel N`'s default: passes per run of consecutive slots) or one unified buffer
+      (`--kv-unified`, or auto slots: one pass), which /props does not say. Measured: the one-stream-per-slot
+      H200 probes fit at 3.5 % read as split and 10.9 % as unified; the two `--kv-unified` Poisson runs at
+      5.4 % read as unified and 6.9 % as split.
+    Returns (parts, steps, model, keep, scores, ubatch)."""
     best, scores = None, {}
-    for lag in ((0,) if ubatch is not None else (0, 1)):
+    options = [(f"kv_{'unified' if u else 'split'}", 0, (UBATCH, u)) for u in (False, True)] if llama else \
+        [(lag, lag, None) for lag in (0, 1)]
+    for key, lag, ubatch in options:
         parts = [reconstruct(r, budget, ubatch=ubatch, emit_lag=lag) for r in runs]
         steps = pd.concat([p.steps for p in parts], ignore_index=True)
         if len(steps) < 50:
-            return parts, steps, None, None, scores
+            return parts, steps, None, None, scores, ubatch
         model, keep, _ = _fit_trimmed(steps)
         score = float(np.median(np.abs(evaluate(model, steps)["error_pct"])))
-        scores[lag] = round(score, 2)
+        scores[key] = round(score, 2)
         if best is None or score < best[0]:
-            best = (score, parts, steps, model, keep)
-    return (*best[1:], scores)
+            best = (score, parts, steps, model, keep, ubatch)
+    return (*best[1:5], scores, best[5])
 
 
 def _need(cond: bool, folder: str, term: str, why: str):
@@ -147,10 +155,9 @@ def calibrate_runs(folders: list, engine: str, name: str, budget: int | None = N
     runs = [load_run_folder(f) for f in folders]
     where = ", ".join(str(f) for f in folders)
     kinds = sorted({r.kind for r in runs})
-    # llama.cpp: forward passes per step from the slot of each request (llama-server's defaults for an
-    # explicit --parallel N: n_ubatch 512, one KV stream per slot; engines/llamacpp_batch.py)
-    ubatch = (UBATCH, False) if engine == "llamacpp" else None
-    parts, steps, model, keep, lag_scores = _choose_lag(runs, budget, ubatch)
+    # llama.cpp: forward passes per step from the slot of each request (n_ubatch 512, llama-server's default;
+    # the KV layout as the steps fit it best; engines/llamacpp_batch.py)
+    parts, steps, model, keep, lag_scores, ubatch = _choose_lag(runs, budget, engine == "llamacpp")
     idle = pd.concat([p.idle.assign(run=p.name) for p in parts], ignore_index=True)
     _need(len(steps) >= 50, where, "tokens.parquet", f"only {len(steps)} measurable engine steps in these runs; "
           "run the decode probes (stress probe, probe_decode at several users)")
@@ -234,7 +241,11 @@ def calibrate_runs(folders: list, engine: str, name: str, budget: int | None = N
     fit_meta["emit_lag_steps"] = parts[0].info["emit_lag_steps"]
     fit_meta["prefill_terms_from"] = ("the idle prefill sweep (the server's prefix cache hides hits in busy steps)"
                                       if fixed else "busy steps and the idle prefill sweep")
-    fit_meta["median_abs_error_pct_by_emit_lag"] = lag_scores
+    if ubatch is None:
+        fit_meta["median_abs_error_pct_by_emit_lag"] = lag_scores
+    else:
+        fit_meta["kv_unified"] = bool(ubatch[1])
+        fit_meta["median_abs_error_pct_by_kv_layout"] = lag_scores
     if hits:  # what vLLM's prefix cache served that the client could not attribute to requests
         known = {k: v for k, v in hits.items() if v is not None}
         fit_meta["unattributed_prefix_cache_hit_pct"] = known or "not reported (no per-request counts, no counters)"

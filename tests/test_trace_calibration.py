@@ -100,8 +100,10 @@ def test_real_profiles_are_the_fit_of_their_probe_runs(name, engine):
     if engine == "continuous":  # vLLM's async scheduling: a step's tokens go out at the end of the next one
         lag = report["fit"]["median_abs_error_pct_by_emit_lag"]
         assert report["fit"]["emit_lag_steps"] == 1 and lag[1] < 0.7 * lag[0], lag
-    else:  # llama-server sends a step's tokens before it builds the next batch
-        assert report["fit"]["emit_lag_steps"] == 0 and list(report["fit"]["median_abs_error_pct_by_emit_lag"]) == [0]
+    else:  # llama-server sends a step's tokens before it builds the next batch; one KV stream per slot
+        assert report["fit"]["emit_lag_steps"] == 0 and report["fit"]["kv_unified"] is False
+        lay = report["fit"]["median_abs_error_pct_by_kv_layout"]
+        assert lay["kv_split"] < 0.5 * lay["kv_unified"], lay
     assert load_profile(str(REAL / name / "profile.yaml")).coefficients() == shipped.coefficients()
 
 
@@ -227,3 +229,15 @@ def test_prefix_cache_hits_no_client_could_attribute(tmp_path, capsys):
     assert r.returncode == 0, r.stderr[-2000:]
     md = (tmp_path / "rep" / "fidelity.md").read_text()
     assert "prefix cache served 30 % of the run's prompt tokens (24,000 of 80,000" in md and "over-predicted" in md
+
+
+def test_the_kv_layout_is_read_from_the_steps():
+    """llama-server does not say whether it runs one KV stream per slot or --kv-unified; the steps do: the
+    runs against a --kv-unified server fit better read as one buffer, the same stream against the default
+    server as one stream per slot."""
+    from simulator.calibrate_runs import _choose_lag
+    ds = REAL / "llamacpp-h200-llama3-8b-f16"
+    for sub, unified in (("kvu", True), ("probe", False)):
+        runs = [load_run_folder(ds / sub / r) for r in ("probe_poisson_r2", "probe_poisson_r3")]
+        *_, scores, ubatch = _choose_lag(runs, 2048, True)
+        assert ubatch[1] is unified, (sub, scores)
