@@ -29,6 +29,7 @@ from .errors import InputError
 from .runfolder import RunFolder, load_run_folder
 
 RUN_ORDER = "run_order.txt"  # run folders (relative to the file) in the order they met one server
+MAX_ORDER_BYTES = 1 << 20
 
 
 def predecessor(run: RunFolder) -> RunFolder | None:
@@ -39,6 +40,8 @@ def predecessor(run: RunFolder) -> RunFolder | None:
         f = root / RUN_ORDER
         if not f.is_file():
             continue
+        if f.stat().st_size > MAX_ORDER_BYTES:
+            raise InputError(str(f), "", f"over {MAX_ORDER_BYTES >> 10} KiB: not a list of run folders")
         names = [ln.strip() for ln in f.read_text(errors="replace").splitlines() if ln.strip()]
         paths = [(root / n).resolve() for n in names]
         if here not in paths:

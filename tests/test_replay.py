@@ -275,6 +275,8 @@ def test_bad_run_folders_are_one_line_errors(measured, tmp_path):
                     "heldout_poisson_r0.5", llama / "r")
     (llama / "run_order.txt").write_text("gone\nr\n")  # the run before it is not there
     _one_line(cli.invoke(app, ["replay", str(llama / "r"), *out]), "run_order.txt: gone: listed before the run")
+    (llama / "run_order.txt").write_bytes(b"x" * (2 << 20))
+    _one_line(cli.invoke(app, ["replay", str(llama / "r"), *out]), "run_order.txt: over 1024 KiB")
     assert not (tmp_path / "out").exists()  # nothing half-written
 
 
