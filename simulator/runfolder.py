@@ -225,6 +225,7 @@ def load_run_folder(folder: str | Path) -> RunFolder:
     has_client = client is not None
     if has_client:
         df = _merge_client(folder / "client.csv", client, df)
+    df = _merge_cached(folder / PREFIX_CACHED, df)
     server = _check_server(folder / "server.json", read_server(folder))
     sc_path = folder / "scenario.yaml"
     if not sc_path.is_file():
@@ -238,6 +239,32 @@ def load_run_folder(folder: str | Path) -> RunFolder:
     if not (folder / "summary.json").is_file():
         raise InputError(str(folder), "summary.json", "missing (the run's summary, which stress run writes)")
     return RunFolder(folder, df, has_client, server, data)
+
+
+PREFIX_CACHED = "prefix_cached.csv"
+MAX_CACHED_BYTES = 64 << 20
+
+
+def _merge_cached(path: Path, df: pd.DataFrame) -> pd.DataFrame:
+    """Per-request prefix-cache hits known from elsewhere than the responses (`request_id`,
+    `prefix_cached_tokens`: a server log, a reconstruction), for a run whose client.csv lacks them."""
+    if not path.is_file() or ("prefix_cached_tokens" in df.columns and df["prefix_cached_tokens"].notna().any()):
+        return df
+    if path.stat().st_size > MAX_CACHED_BYTES:
+        raise InputError(str(path), "", f"over {MAX_CACHED_BYTES >> 20} MiB")
+    try:
+        c = pd.read_csv(path)
+    except Exception as exc:  # noqa: BLE001
+        raise InputError(str(path), "", f"not a readable CSV: {exc}") from None
+    for k in ("request_id", "prefix_cached_tokens"):
+        if k not in c.columns:
+            raise InputError(str(path), k, "missing column")
+        if not pd.api.types.is_numeric_dtype(c[k]) or c[k].isna().any() or (c[k] < 0).any():
+            raise InputError(str(path), k, "not a number >= 0 in every row")
+    if c["request_id"].duplicated().any():
+        raise InputError(str(path), "request_id", "a request listed twice")
+    c = c[["request_id", "prefix_cached_tokens"]].astype({"request_id": "int64"})
+    return df.drop(columns=["prefix_cached_tokens"], errors="ignore").merge(c, on="request_id", how="left")
 
 
 def _merge_client(path: Path, c: pd.DataFrame, df: pd.DataFrame) -> pd.DataFrame:
