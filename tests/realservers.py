@@ -43,8 +43,9 @@ WORD_PIECES = ("\u2581", "\u2581t", "\u2581th", "\u2581the")
 
 
 def make_tiny_gguf(path, *, embd: int = 64, layers: int = 2, heads: int = 4, kv_heads: int = 4, ff: int = 128,
-                   ctx: int = 4096, extra_vocab: int = 64, seed: int = 0) -> Path:
-    """Write a random-weight Llama GGUF (f32) to `path`; the same arguments give the same bytes."""
+                   ctx: int = 4096, extra_vocab: int = 64, seed: int = 0, f16: bool = False) -> Path:
+    """Write a random-weight Llama GGUF (f32, or f16 matrices) to `path`; the same arguments give the same
+    bytes. Also the full-size model bench/gpu/ measures real llama-servers with (make_random_gguf.py)."""
     import gguf
     import numpy as np
 
@@ -65,7 +66,7 @@ def make_tiny_gguf(path, *, embd: int = 64, layers: int = 2, heads: int = 4, kv_
     head_dim = embd // heads
 
     def rnd(*shape):
-        return (rng.standard_normal(shape, dtype=np.float32) * 0.02).astype(np.float32)
+        return (rng.standard_normal(shape, dtype=np.float32) * 0.02).astype(np.float16 if f16 else np.float32)
 
     w = gguf.GGUFWriter(str(path), "llama")
     w.add_name("servesim-tiny-random-llama")
@@ -78,7 +79,7 @@ def make_tiny_gguf(path, *, embd: int = 64, layers: int = 2, heads: int = 4, kv_
     w.add_rope_dimension_count(head_dim)
     w.add_layer_norm_rms_eps(1e-5)
     w.add_vocab_size(n_vocab)
-    w.add_file_type(gguf.LlamaFileType.ALL_F32)
+    w.add_file_type(gguf.LlamaFileType.MOSTLY_F16 if f16 else gguf.LlamaFileType.ALL_F32)
     w.add_tokenizer_model("llama")
     w.add_token_list(tokens)
     w.add_token_scores(scores)
