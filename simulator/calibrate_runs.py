@@ -114,7 +114,7 @@ def _prefill_from_sweep(pf: pd.DataFrame, steps: pd.DataFrame, model: CostModel)
     return {"prefill_overhead_s": over, "linear_per_token_s": float(lin), "prefill_attn_s": float(attn)}
 
 
-def _choose_lag(runs, budget, llama: bool):
+def _choose_reading(runs, budget, llama: bool):
     """Steps reconstructed under each reading of the server the client cannot see, and the one whose steps the
     cost model fits better (median absolute error over all steps, none trimmed) is kept.
     - vLLM: an emission lag of 0 or 1 step (tracefit.reconstruct: its async scheduling sends a step's tokens
@@ -158,7 +158,7 @@ def calibrate_runs(folders: list, engine: str, name: str, budget: int | None = N
     kinds = sorted({r.kind for r in runs})
     # llama.cpp: forward passes per step from the slot of each request (n_ubatch 512, llama-server's default;
     # the KV layout as the steps fit it best; engines/llamacpp_batch.py)
-    parts, steps, model, keep, lag_scores, ubatch = _choose_lag(runs, budget, engine == "llamacpp")
+    parts, steps, model, keep, lag_scores, ubatch = _choose_reading(runs, budget, engine == "llamacpp")
     idle = pd.concat([p.idle.assign(run=p.name) for p in parts], ignore_index=True)
     _need(len(steps) >= 50, where, "tokens.parquet", f"only {len(steps)} measurable engine steps in these runs; "
           "run the decode probes (stress probe, probe_decode at several users)")

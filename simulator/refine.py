@@ -50,7 +50,10 @@ def refine_by_replay(chosen, engine: str, model: CostModel, frontend: float) -> 
 
     from .records import COLUMN_NAMES
     from .replay import simulate_replay
+    from .slotstate import predecessor
     measured = [_pcts(r.requests) for r in chosen]
+    # the run measured before each (llama-server: the slots it left), loaded once for all the searches' replays
+    before_run = [predecessor(r) if r.kind == "llamacpp" else None for r in chosen]
 
     def errors(alpha, fe, q=0.0):
         doc = {"name": "refine", "coefficients": {c: getattr(model, c) * alpha for c in COEFFICIENTS},
@@ -59,8 +62,8 @@ def refine_by_replay(chosen, engine: str, model: CostModel, frontend: float) -> 
             path = Path(d) / "p.yaml"
             path.write_text(yaml.safe_dump(doc))
             out = []
-            for r, m in zip(chosen, measured):
-                result, _ = simulate_replay(r, engine, str(path))
+            for r, m, prev in zip(chosen, measured, before_run):
+                result, _ = simulate_replay(r, engine, str(path), after=prev)
                 sim = _pcts(pd.DataFrame(result.rows, columns=COLUMN_NAMES))
                 out.append({k: 100 * (sim[k] - m[k]) / m[k] for k in m if m[k] > 0})
         return out

@@ -164,8 +164,8 @@ class RunFolder:
         """What the server's prefix cache did during the run, from its counters read at the start and the end
         (server.json start/end `prefix_cache`, vLLM's vllm:prefix_cache_queries/_hits): {"queried_tokens",
         "hit_tokens", "hit_pct"}, or None when the server did not say."""
-        a = (self.server.get("start") or {}).get("prefix_cache") if isinstance(self.server.get("start"), dict) else None
-        b = (self.server.get("end") or {}).get("prefix_cache") if isinstance(self.server.get("end"), dict) else None
+        a, b = ((s.get("prefix_cache") if isinstance(s, dict) else None) for s in (self.server.get("start"),
+                                                                                   self.server.get("end")))
         if not isinstance(a, dict) or not isinstance(b, dict):
             return None
         try:

@@ -23,8 +23,6 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from pathlib import Path
-
 from .errors import InputError
 from .runfolder import RunFolder, load_run_folder
 

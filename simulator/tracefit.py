@@ -58,7 +58,7 @@ def _requests(run: RunFolder) -> pd.DataFrame:
     return ok.set_index("request_id")
 
 
-def _extra_passes(req, f_arr, l_arr, c_time, probe, firsts, budget, ubatch) -> tuple | None:
+def _pass_shapes(req, f_arr, l_arr, c_time, probe, firsts, budget, ubatch) -> tuple | None:
     """(forward passes beyond the first, passes of more than one token) of each step, from the slot that ran
     each request (client.csv `server_slot`, llama-server's id_slot): the decoding slots at the step and the
     prompts whose first token it emitted, cut as llama.cpp cuts a batch (engines/llamacpp_batch.py)."""
@@ -231,7 +231,7 @@ def reconstruct(run: RunFolder, budget: int, window_fraction: float = WINDOW_FRA
                 pf_attn[jj] += take * (ctx_before + take)
                 left -= take
                 jj -= 1
-    shape = _extra_passes(req, f_arr, l_arr, c_time, probe, firsts, budget, ubatch)
+    shape = _pass_shapes(req, f_arr, l_arr, c_time, probe, firsts, budget, ubatch)
     extra, batched = shape if shape is not None else (None, None)
     saves = _slot_saves(start, l_arr, P + out_total, c_time, window, _inherited(run)) if ubatch is not None else None
     step_save = np.zeros(nc)

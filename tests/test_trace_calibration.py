@@ -237,11 +237,11 @@ def test_the_kv_layout_is_read_from_the_steps():
     """llama-server does not say whether it runs one KV stream per slot or --kv-unified; the steps do: the
     runs against a --kv-unified server fit better read as one buffer, the same stream against the default
     server as one stream per slot."""
-    from simulator.calibrate_runs import _choose_lag
+    from simulator.calibrate_runs import _choose_reading
     ds = REAL / "llamacpp-h200-llama3-8b-f16"
     for sub, unified in (("kvu", True), ("probe", False)):
         runs = [load_run_folder(ds / sub / r) for r in ("probe_poisson_r2", "probe_poisson_r3")]
-        *_, scores, ubatch = _choose_lag(runs, 2048, True)
+        *_, scores, ubatch = _choose_reading(runs, 2048, True)
         assert ubatch[1] is unified, (sub, scores)
 
 

@@ -40,7 +40,8 @@ def pass_shape(dec_slots, prompt_chunks, n_ubatch: int, unified: bool) -> tuple[
     nd = len(dec_slots)
     if unified or nd == 0:
         n = max(1, -(-nd // n_ubatch))  # split_simple: the decode tokens lead the batch
-        return n, (0 if nd <= 1 and not any(c > 0 for _, c in prompt_chunks) else (n if nd else 0))
+        one_token = nd == 1 and not any(c > 0 for _, c in prompt_chunks)  # a lone decode: a CUDA graph
+        return n, (0 if nd == 0 or one_token else n)
     if not prompt_chunks:  # decode only: one pass per run of consecutive slot ids
         n = big = 0
         run, last = 0, None
