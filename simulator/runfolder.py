@@ -177,6 +177,27 @@ class RunFolder:
             return None
         return {"queried_tokens": int(q), "hit_tokens": int(h), "hit_pct": round(100 * h / q, 2)}
 
+    def server_histograms(self) -> dict:
+        """What the server's own histograms counted during the run (server.json start/end `histograms`, vLLM's
+        /metrics): {family: {"count", "sum", "mean", "buckets": {le: cumulative count}}}, end minus start, for
+        the families both reads have and the run added to; {} when the server said nothing."""
+        a, b = ((s.get("histograms") if isinstance(s, dict) else None) for s in (self.server.get("start"),
+                                                                                 self.server.get("end")))
+        if not isinstance(a, dict) or not isinstance(b, dict):
+            return {}
+        out = {}
+        for name, hb in b.items():
+            ha = a.get(name)
+            try:
+                n = float(hb["count"]) - float(ha["count"])
+                tot = float(hb["sum"]) - float(ha["sum"])
+                buckets = {le: float(c) - float(ha["buckets"].get(le, 0)) for le, c in hb["buckets"].items()}
+            except (KeyError, TypeError, ValueError, AttributeError):
+                continue
+            if n > 0 and tot >= 0:  # a counter that went back: a restarted server
+                out[name] = {"count": int(n), "sum": tot, "mean": tot / n, "buckets": buckets}
+        return out
+
     def scenario(self, overrides: list[tuple[str, object]] | None = None) -> Scenario:
         """The run's scenario with overrides ((path, value) pairs, applied in order)."""
         data = json.loads(json.dumps(self.scenario_data))  # a deep copy of plain YAML data

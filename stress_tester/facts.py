@@ -4,8 +4,10 @@ about once a second while it runs, into `server.json` and the report.
 Where each server says it:
 - vLLM: `/metrics` (Prometheus text): `vllm:cache_config_info` labels (block_size, num_gpu_blocks, ...),
   `vllm:num_requests_running` / `vllm:num_requests_waiting` gauges, the prefix-cache counters
-  `vllm:prefix_cache_queries_total` / `_hits_total` (tokens; the twin has them too); `/v1/models` gives
-  `max_model_len`.
+  `vllm:prefix_cache_queries_total` / `_hits_total` (tokens; the twin has them too), and its histograms
+  (`vllm:request_queue_time_seconds`, `vllm:time_to_first_token_seconds`, `vllm:iteration_tokens_total`, ...:
+  the server's own view of each request and engine step, kept as sums, counts and buckets); `/v1/models`
+  gives `max_model_len`.
 - llama.cpp `llama-server`: `/props` (total_slots, default_generation_settings.n_ctx = per-slot context),
   `/slots` (one entry per slot, `is_processing`, and the tokens a slot holds and its last task: a run inherits them), `/metrics` when started with --metrics
   (`llamacpp:requests_processing`, `llamacpp:requests_deferred`).
@@ -96,6 +98,39 @@ def prefix_cache_counters(text: str) -> dict | None:
     return {k: _num(v) for k, v in got.items()} if seen else None
 
 
+_HIST = re.compile(r"^(vllm:[A-Za-z0-9_:]+?)_(sum|count|bucket)(\{[^}]*\})?\s+(\S+)\s*$", re.M)
+_LE = re.compile(r'le="([^"]*)"')
+MAX_FAMILIES, MAX_BUCKETS = 64, 64
+
+
+def histograms(text: str) -> dict:
+    """vLLM's Prometheus histograms, summed over label sets: {family: {"sum", "count", "buckets": {le:
+    cumulative count}}}. Start and end of a run differ by what the run did (simulator/runfolder.py
+    `server_histograms`): e.g. vllm:iteration_tokens_total's count is the number of engine steps."""
+    out: dict = {}
+    for m in _HIST.finditer(text):
+        name, part, labels, val = m.groups()
+        try:
+            v = float(val)
+        except ValueError:
+            continue
+        if v != v:  # NaN
+            continue
+        h = out.get(name)
+        if h is None:
+            if len(out) >= MAX_FAMILIES:
+                continue
+            h = out[name] = {"sum": 0.0, "count": 0.0, "buckets": {}}
+        if part == "bucket":
+            le = _LE.search(labels or "")
+            if le and (le.group(1) in h["buckets"] or len(h["buckets"]) < MAX_BUCKETS):
+                h["buckets"][le.group(1)] = h["buckets"].get(le.group(1), 0.0) + v
+        else:
+            h[part] += v
+    return {k: {"sum": _num(h["sum"]), "count": _num(h["count"]),
+                "buckets": {le: _num(n) for le, n in h["buckets"].items()}} for k, h in out.items()}
+
+
 def gauges(text: bytes | str) -> tuple:
     """(running, waiting) from a /metrics text, or (None, None)."""
     if isinstance(text, str):
@@ -126,6 +161,9 @@ def probe(base_url: str, model: str | None = None, timeout: float = TIMEOUT_S) -
             pc = prefix_cache_counters(text)
             if pc is not None:
                 raw["prefix_cache"] = pc  # a run's hits: end minus start (simulator/runfolder.py)
+            hist = histograms(text)
+            if hist:
+                raw["histograms"] = hist
         elif st == 200 and "llamacpp:" in text:
             kind = "llamacpp"
             run, wait = gauges(text)

@@ -422,3 +422,28 @@ def test_the_servers_prefix_cache_counters_give_the_runs_hits(tmp_path):
     assert pc["queried_tokens"] == df.prompt_tokens_server.sum()  # every prompt looked up once (no preemption)
     # 2 groups of 256 shared tokens in 64-token units: every request after its group's first hits 256
     assert pc["hit_tokens"] == 256 * (24 - 2) and 0 < pc["hit_pct"] < 100
+
+
+def test_the_servers_histograms_say_what_it_saw_of_the_run(tmp_path):
+    """vLLM's histograms (the twin keeps them as vLLM V1 does), read before and after a run: their difference
+    counts the run's requests and prompt tokens as the client sent them."""
+    from simulator.runfolder import load_run_folder
+    d = {"name": "hist", "seed": 5, "num_requests": 30,
+         "engine": {"type": "continuous", "max_num_seqs": 8},
+         "workload": {"classes": [{"name": "c", "arrival": {"type": "poisson", "rate": 40}, "timeout_s": 20,
+                                   "prompt_tokens": {"type": "uniform", "low": 20, "high": 300},
+                                   "output_tokens": {"type": "uniform", "low": 2, "high": 9}}]}}
+    path = write(tmp_path, "hist", d)
+    with twin_server(path) as url:
+        stress(load_scenario(path), url, tmp_path / "warm")  # the counters start from something
+        stress(load_scenario(path), url, tmp_path / "run")
+    h = load_run_folder(tmp_path / "run").server_histograms()
+    ok = pd.read_csv(tmp_path / "run" / "client.csv").merge(pd.read_csv(tmp_path / "run" / "requests.csv"),
+                                                            on="request_id").query("outcome == 'ok'")
+    assert len(ok) == 30
+    p = h["vllm:request_prompt_tokens"]
+    assert p["count"] == 30 and p["sum"] == ok.prompt_tokens_server.sum()
+    assert p["buckets"]["+Inf"] == 30
+    e2e = h["vllm:e2e_request_latency_seconds"]
+    assert e2e["count"] == 30 and 0 < e2e["mean"]
+    assert h["vllm:request_queue_time_seconds"]["mean"] <= e2e["mean"]

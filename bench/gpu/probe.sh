@@ -1,6 +1,8 @@
 #!/bin/bash
 # Device: `stress probe` against the server started by vllm_up.sh or llama_up.sh; the runs come back as one
-# tar under $OUT. KIND=vllm|llamacpp, PHASE=first (prefill and decode probes) | rest (Poisson, held-out).
+# tar under $OUT. KIND=vllm|llamacpp, PHASE=first (prefill and decode probes) | rest (Poisson, held-out)
+# | repeat (the held-out rates again with another seed, into runs_<kind>_repeat: more held-out runs, and
+# the server's own run-to-run spread). The server's log goes along as server.log.
 #   bash bench/gpu/probe.sh vllm first
 KIND=$1 PHASE=$2
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
@@ -12,10 +14,14 @@ else
   ARGS="--api llamacpp --prompt-word a --users 1,4,8,16 --contexts 256,2048 --rates 1,2,3 --heldout-rates 0.5,1.5,2.5,4"
 fi
 curl -sf $URL/health >/dev/null || { echo "server down"; tail -30 /tmp/$KIND.log; exit 1; }
-if [ "$PHASE" = first ]; then ONLY="--only probe_prefill --only probe_decode"; else ONLY="--only probe_poisson --only heldout"; fi
-python3 -c "from stress_tester.cli import app; app()" probe --base-url $URL --out /tmp/runs_$KIND $ARGS $ONLY 2>&1 | tail -40
+DIR=runs_$KIND SETS=""
+if [ "$PHASE" = first ]; then ONLY="--only probe_prefill --only probe_decode"
+elif [ "$PHASE" = repeat ]; then ONLY="--only heldout" DIR=runs_${KIND}_repeat SETS="--set seed=2"
+else ONLY="--only probe_poisson --only heldout"; fi
+python3 -c "from stress_tester.cli import app; app()" probe --base-url $URL --out /tmp/$DIR $ARGS $ONLY $SETS 2>&1 | tail -40
 rc=$?
-find /tmp/runs_$KIND \( -name report.md -o -name "*.png" \) -delete
-tar czf $OUT/${KIND}_$PHASE.tgz -C /tmp runs_$KIND && ls -la $OUT
+find /tmp/$DIR \( -name report.md -o -name "*.png" \) -delete
+cp /tmp/$KIND.log /tmp/$DIR/server.log 2>/dev/null
+tar czf $OUT/${KIND}_$PHASE.tgz -C /tmp $DIR && ls -la $OUT
 grep -iE "error|Traceback" /tmp/$KIND.log | tail -5
 exit $rc
