@@ -24,6 +24,7 @@ from .errors import InputError
 from .fitting import error_stats, evaluate, fit, rounded
 from .runfolder import load_run_folder
 from .refine import _open_loop, _saturated, refine_by_replay
+from .stepcount import TERMS as STEP_COUNT_TERMS, fit_step_counts
 from .tracefit import drop_cached, reconstruct
 
 # Token budgets the servers default to: vLLM V1's max_num_batched_tokens for the OpenAI server on a GPU
@@ -143,6 +144,21 @@ def _choose_reading(runs, budget, llama: bool):
     return (*best[1:5], scores, best[5])
 
 
+def _from_step_counts(runs, base: pd.DataFrame, frontend: float):
+    """(model, front end, info) from the runs' step counts, or (None, the front end given, info). The busy
+    time a run's fit reads starts each request at its send plus the front end, which is TTFT minus the step
+    model's prefill for the short idle requests: fitted twice, the second time with the first's front end."""
+    model, info = None, {}
+    for _ in range(2):
+        coef, info = fit_step_counts(runs, frontend)
+        if coef is None:
+            return None, frontend, info
+        model = rounded(CostModel(**{**{c: 0.0 for c in COEFFICIENTS}, **coef}))
+        pred = model.step_times(base["prompt"], base["prompt"] ** 2, np.zeros(len(base)), np.zeros(len(base)))
+        frontend = float(max(0.0, np.median(base["ttft_s"].to_numpy() - pred)))
+    return model, frontend, info
+
+
 def _need(cond: bool, folder: str, term: str, why: str):
     if not cond:
         raise InputError(folder, term, why)
@@ -193,7 +209,7 @@ def calibrate_runs(folders: list, engine: str, name: str, budget: int | None = N
     hidden = any(h is None or h > HIDDEN_HIT_PCT for h in hits.values())
     # the sweep must reach long prompts, or its slope and curvature cannot be told apart (a 1,024-token sweep
     # of the twin put 2.3x its prefill time on a 4,096-token prompt)
-    if hidden and len(pf) and pf["prefill_tokens"].max() >= 4096:
+    if (hidden or engine == "continuous") and len(pf) and pf["prefill_tokens"].max() >= 4096:
         # vLLM serves prompt blocks from its prefix cache (on by default) without saying so (unless started with
         # --enable-prompt-tokens-details): a busy step's prefill may be partly cached, and cheaper by an amount
         # no client sees (measured: 31 % of prompt tokens on salted random prompts, extra/ data set). The
@@ -217,11 +233,22 @@ def calibrate_runs(folders: list, engine: str, name: str, budget: int | None = N
     _need(table["prefill_tokens"].max() >= 1024, where, "linear_per_token_s",
           "no prefill of 1024 tokens or more was measured: run probe_prefill")
     model, keep, stats = _fit_trimmed(table, fixed=fixed)
+    counted = {}
+    if engine == "continuous":  # vLLM: the server's own step count prices its steps (simulator/stepcount.py)
+        got, frontend, counted = _from_step_counts(runs, base, frontend)
+        if got is not None:
+            model = got
+            held = {k: v for k, v in (stats.get("held_at_zero") or {}).items() if k not in STEP_COUNT_TERMS}
+            stats = {"method": "scipy nnls of each run's busy time over its step count and token totals "
+                               "(vllm:iteration_tokens_total); relative residuals; the steps reconstructed from "
+                               "token arrivals are scored with it",
+                     "held_at_zero": {**held, "weights_s": "run totals cannot place a roofline knee",
+                                      "prefill_overhead_s": "run totals do not say how many steps held prompts"}}
     written = rounded(model)
     ev = evaluate(written, table[keep])
     sk = np.where(table["prefill_tokens"][keep] > 0, np.where(table["n_decode"][keep] > 0, "mixed", "prefill"), "decode")
-    fit_meta = {**error_stats(ev), "method": stats["method"] + f"; rows more than {TRIM_PCT:g} % off the fit "
-                "left out, fit repeated", "trimmed_rows": int((~keep).sum()), "cached_prefill_steps": int(cached.sum()),
+    fit_meta = {**error_stats(ev), "method": stats["method"] + ("" if counted.get("per_run_error_pct") else
+                f"; rows more than {TRIM_PCT:g} % off the fit left out, fit repeated"), "trimmed_rows": int((~keep).sum()), "cached_prefill_steps": int(cached.sum()),
                 "by_step_kind": {k: error_stats(ev[sk == k]) for k in ("decode", "mixed", "prefill") if (sk == k).any()}}
     if stats.get("held_at_zero"):
         fit_meta["held_at_zero"] = stats["held_at_zero"]
@@ -240,8 +267,14 @@ def calibrate_runs(folders: list, engine: str, name: str, budget: int | None = N
         per_run[str(rn)] = {"steps": int(m.sum()), "median_error_pct": round(float(np.median(evall["error_pct"][m])), 2)
                             if m.any() else None}
     fit_meta["emit_lag_steps"] = parts[0].info["emit_lag_steps"]
-    fit_meta["prefill_terms_from"] = ("the idle prefill sweep (the server's prefix cache hides hits in busy steps)"
-                                      if fixed else "busy steps and the idle prefill sweep")
+    if counted:
+        fit_meta["step_counts"] = counted
+    fit_meta["prefill_terms_from"] = ("the server's step count over the runs (vllm:iteration_tokens_total)"
+                                      if "per_run_error_pct" in counted else
+                                      ("the idle prefill sweep (the server's prefix cache hides hits in busy steps)"
+                                       if hidden else "the idle prefill sweep (vLLM's async scheduling splits a busy "
+                                       "step's prompt over two intervals)") if fixed else
+                                      "busy steps and the idle prefill sweep")
     if ubatch is None:
         fit_meta["median_abs_error_pct_by_emit_lag"] = lag_scores
     else:

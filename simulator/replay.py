@@ -33,6 +33,15 @@ FACTS = (("num_gpu_blocks", "num_blocks"), ("block_size", "block_size"), ("max_n
          ("max_model_len", "max_model_len"))
 
 
+# What a vLLM server schedules with when its facts do not say (vLLM exposes neither limit to a client): the
+# defaults of the version the continuous engine mirrors, for the GPUs it is run on most (simulator/presets.py
+# `vllm-0.26`: 70 GiB or more, not an A100). A run's scenario describes the simulated side and is not the
+# server's configuration: measured, vLLM ran 820 requests at once at 40 req/s where the held-out scenario
+# says 256 (tests/data/real/vllm-0.26-h200-llama3-8b). --set engine.preset=vllm-0.26-small-gpu, or the
+# values, for a server started otherwise.
+SERVER_DEFAULTS = {"vllm": ("vllm-0.26", ("max_num_seqs", "max_num_batched_tokens", "chunked_prefill"))}
+
+
 def _int(v):
     return v if isinstance(v, int) and not isinstance(v, bool) and v > 0 else None
 
@@ -80,6 +89,13 @@ def replay_overrides(run: RunFolder, engine: str | None, profile: str | None, se
         if v and name in fields:
             out.append((f"engine.{name}", v))
             used[fact] = v
+    if run.kind in SERVER_DEFAULTS and (engine or "continuous") == "continuous":
+        from .presets import PRESETS
+        preset, names = SERVER_DEFAULTS[run.kind]
+        for name in names:
+            if name not in used:
+                out.append((f"engine.{name}", PRESETS[preset][name]))
+                used[name] = f"{PRESETS[preset][name]} ({preset} default)"
     if engine:
         out.append(("engine.type", engine))
     if profile:

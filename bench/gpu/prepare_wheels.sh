@@ -17,7 +17,8 @@ rm -f torch-*dummy* torchaudio-*dummy* torchvision-*dummy* triton-* transformers
       tokenspeed_triton-* nvidia_cutlass_dsl* nvidia_nvvm-* nvidia_cuda_nvrtc-* nvidia_cuda_nvcc-* \
       nvidia_cuda_nvdisasm-* nvidia_cuda_cccl-* nvidia_cuda_runtime-* nvidia_cuda_crt-* tilelang-* \
       [Pp]y[Nn]v[Vv]ideo[Cc]odec-* z3_solver-* torchcodec-* opencv_python_headless-* llvmlite-* numba-* \
-      hf_xet-* grpcio-* pillow-* uvloop-*
+      hf_xet-* grpcio-* pillow-* uvloop-* huggingface_hub-*
+# huggingface_hub: the image's transformers wants <2.0 and has its own (1.33); pip resolves 2.x since 2026-12
 cd /tmp && tar cf vllm.tar vllm_wheels312
 mkdir -p "$ROOT/.whl/extra" && rm -f "$ROOT"/.whl/vllm.tar.part-*
 split -b 44m vllm.tar "$ROOT/.whl/vllm.tar.part-"
