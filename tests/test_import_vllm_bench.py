@@ -115,10 +115,14 @@ def test_import_gives_back_the_measured_requests(tmp_path):
 
 
 def bare(folder: Path, dest: Path) -> Path:
-    """The run folder as stress run wrote it: without the reconstructed prefix_cached.csv, which a vLLM
-    bench file cannot carry (bench/vllm_hidden_hits.py)."""
+    """The run folder with what a vLLM bench file carries: without the server's histograms (its step count,
+    which `sim calibrate` prices steps from when it has it: simulator/stepcount.py)."""
     import shutil
-    shutil.copytree(folder, dest / folder.name, ignore=shutil.ignore_patterns("prefix_cached.csv"))
+    shutil.copytree(folder, dest / folder.name)
+    s = json.loads((dest / folder.name / "server.json").read_text())
+    for end in ("start", "end"):
+        s[end].pop("histograms", None)
+    (dest / folder.name / "server.json").write_text(json.dumps(s))
     return dest / folder.name
 
 
@@ -144,8 +148,8 @@ def test_replay_of_the_file_is_the_replay_of_the_folder(tmp_path, name, rate):
 
 
 def test_calibrating_from_the_files_gives_the_shipped_profile(tmp_path):
-    """The shipped profile is `sim calibrate` of the probe folders (test_trace_calibration). From the same runs
-    as vLLM files, the step fit gives the folders' step times and front end within 5 %. Not
+    """From the probe runs as vLLM files, the step fit gives the step times and front end of the same
+    folders calibrated without the server's step count (which no bench file carries) within 5 %. Not
     exact, because a vLLM file has no per-chunk token counts: the 11 % of the probes' chunks that carried
     several tokens are placed after the longest gaps, so some steps are seen merged that were not, and the
     other way round."""
