@@ -247,8 +247,9 @@ def calibrate_runs(folders: list, engine: str, name: str, budget: int | None = N
     written = rounded(model)
     ev = evaluate(written, table[keep])
     sk = np.where(table["prefill_tokens"][keep] > 0, np.where(table["n_decode"][keep] > 0, "mixed", "prefill"), "decode")
-    fit_meta = {**error_stats(ev), "method": stats["method"] + ("" if counted.get("per_run_error_pct") else
-                f"; rows more than {TRIM_PCT:g} % off the fit left out, fit repeated"), "trimmed_rows": int((~keep).sum()), "cached_prefill_steps": int(cached.sum()),
+    trimmed = "" if counted.get("per_run_error_pct") else f"; rows more than {TRIM_PCT:g} % off the fit left out, fit repeated"
+    fit_meta = {**error_stats(ev), "method": stats["method"] + trimmed, "trimmed_rows": int((~keep).sum()),
+                "cached_prefill_steps": int(cached.sum()),
                 "by_step_kind": {k: error_stats(ev[sk == k]) for k in ("decode", "mixed", "prefill") if (sk == k).any()}}
     if stats.get("held_at_zero"):
         fit_meta["held_at_zero"] = stats["held_at_zero"]
@@ -269,12 +270,15 @@ def calibrate_runs(folders: list, engine: str, name: str, budget: int | None = N
     fit_meta["emit_lag_steps"] = parts[0].info["emit_lag_steps"]
     if counted:
         fit_meta["step_counts"] = counted
-    fit_meta["prefill_terms_from"] = ("the server's step count over the runs (vllm:iteration_tokens_total)"
-                                      if "per_run_error_pct" in counted else
-                                      ("the idle prefill sweep (the server's prefix cache hides hits in busy steps)"
-                                       if hidden else "the idle prefill sweep (vLLM's async scheduling splits a busy "
-                                       "step's prompt over two intervals)") if fixed else
-                                      "busy steps and the idle prefill sweep")
+    if "per_run_error_pct" in counted:
+        source = "the server's step count over the runs (vllm:iteration_tokens_total)"
+    elif fixed and hidden:
+        source = "the idle prefill sweep (the server's prefix cache hides hits in busy steps)"
+    elif fixed:
+        source = "the idle prefill sweep (vLLM's async scheduling splits a busy step's prompt over two intervals)"
+    else:
+        source = "busy steps and the idle prefill sweep"
+    fit_meta["prefill_terms_from"] = source
     if ubatch is None:
         fit_meta["median_abs_error_pct_by_emit_lag"] = lag_scores
     else:

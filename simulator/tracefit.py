@@ -45,16 +45,28 @@ class RunSteps:
     info: dict
 
 
+def server_tokens(df: pd.DataFrame, column: str) -> pd.Series:
+    """`prompt_tokens` or `output_tokens` as the server counted them (client.csv `<column>_server`) where it
+    said, else as the client did."""
+    v = df[column].astype(float)
+    if f"{column}_server" in df.columns:
+        s = pd.to_numeric(df[f"{column}_server"], errors="coerce")
+        v = s.where(s > 0, v)
+    return v
+
+
+def computed_prompts(df: pd.DataFrame) -> pd.Series:
+    """The prompt tokens the engine computed: the server's count less what its prefix cache served."""
+    p = server_tokens(df, "prompt_tokens")
+    if "prefix_cached_tokens" in df.columns:
+        p = (p - pd.to_numeric(df["prefix_cached_tokens"], errors="coerce").fillna(0)).clip(lower=1)
+    return p
+
+
 def _requests(run: RunFolder) -> pd.DataFrame:
     df = run.requests
     ok = df[(df["outcome"] == "ok") & (df["stream"] == 1)].copy()
-    p = ok["prompt_tokens"].astype(float)
-    if "prompt_tokens_server" in ok.columns:
-        ps = pd.to_numeric(ok["prompt_tokens_server"], errors="coerce")
-        p = ps.where(ps > 0, p)
-    if "prefix_cached_tokens" in ok.columns:  # served from a prefix cache: the engine computed the rest
-        p = (p - pd.to_numeric(ok["prefix_cached_tokens"], errors="coerce").fillna(0)).clip(lower=1)
-    ok["P"] = p.astype(np.int64)
+    ok["P"] = computed_prompts(ok).astype(np.int64)
     return ok.set_index("request_id")
 
 
