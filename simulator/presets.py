@@ -5,7 +5,9 @@ scenario; fields the scenario sets win).
   MI300X): max_num_seqs 1024, max_num_batched_tokens 8192 (vllm/engine/arg_utils.py
   _set_default_max_num_seqs_and_batched_tokens_args, UsageContext.OPENAI_API_SERVER); chunked prefill and
   prefix caching on, KV blocks of 16 tokens, gpu_memory_utilization 0.9 (the V1 engine's defaults, as its
-  start-up log prints them: "Chunked prefill is enabled with max_num_batched_tokens=8192").
+  start-up log prints them: "Chunked prefill is enabled with max_num_batched_tokens=8192"); async scheduling
+  on (vllm/config/vllm.py turns it on unless a feature in use cannot run with it; the engine core's batch
+  queue of two, vllm/v1/engine/core.py step_with_batch_queue).
 - `vllm-0.26-small-gpu`: the same server on smaller GPUs or an A100: max_num_seqs 256, max_num_batched_tokens
   2048 (same function).
 - `llama-server`: llama.cpp's server (the tree vendored in llama-cpp-python 0.3.36): n_batch 2048 and n_ubatch
@@ -19,10 +21,11 @@ from __future__ import annotations
 
 PRESETS = {
     "vllm-0.26": {"type": "continuous", "max_num_seqs": 1024, "max_num_batched_tokens": 8192,
-                  "chunked_prefill": True, "prefix_caching": True, "block_size": 16, "gpu_memory_utilization": 0.9},
+                  "chunked_prefill": True, "prefix_caching": True, "block_size": 16, "gpu_memory_utilization": 0.9,
+                  "async_scheduling": True},
     "vllm-0.26-small-gpu": {"type": "continuous", "max_num_seqs": 256, "max_num_batched_tokens": 2048,
                             "chunked_prefill": True, "prefix_caching": True, "block_size": 16,
-                            "gpu_memory_utilization": 0.9},
+                            "gpu_memory_utilization": 0.9, "async_scheduling": True},
     "llama-server": {"type": "llamacpp", "n_batch": 2048, "n_ubatch": 512, "cache_idle_slots": True},
 }
 

@@ -39,7 +39,8 @@ FACTS = (("num_gpu_blocks", "num_blocks"), ("block_size", "block_size"), ("max_n
 # server's configuration: measured, vLLM ran 820 requests at once at 40 req/s where the held-out scenario
 # says 256 (tests/data/real/vllm-0.26-h200-llama3-8b). --set engine.preset=vllm-0.26-small-gpu, or the
 # values, for a server started otherwise.
-SERVER_DEFAULTS = {"vllm": ("vllm-0.26", ("max_num_seqs", "max_num_batched_tokens", "chunked_prefill"))}
+SERVER_DEFAULTS = {"vllm": ("vllm-0.26", ("max_num_seqs", "max_num_batched_tokens", "chunked_prefill",
+                                         "async_scheduling"))}
 
 
 def _int(v):

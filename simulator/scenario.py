@@ -315,6 +315,7 @@ class Engine(Strict):
     gpu_memory_gb: PosFloat = 80.0
     gpu_memory_utilization: Annotated[float, Field(gt=0, le=1)] = 0.9
     prefix_caching: bool = False
+    async_scheduling: bool = False  # vLLM's: a request arriving during a step joins the step after next
     fast_forward: bool = True
     # llama.cpp
     n_parallel: PosInt = 4

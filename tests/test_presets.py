@@ -20,7 +20,9 @@ def test_vllm_preset_and_overrides():
     assert engine(preset="vllm-0.26", max_num_seqs=64).max_num_seqs == 64
     small = engine(preset="vllm-0.26-small-gpu")
     assert (small.max_num_seqs, small.max_num_batched_tokens) == (256, 2048)
+    assert e.async_scheduling and small.async_scheduling and not engine(preset="vllm-0.26", async_scheduling=False).async_scheduling
     assert engine().max_num_seqs == 256 and engine().prefix_caching is False  # no preset: the schema defaults
+    assert engine().async_scheduling is False
 
 
 def test_llama_server_preset_follows_its_slot_rule():
