@@ -107,7 +107,7 @@ def _num(x):
     return None if math.isnan(x) or math.isinf(x) else x
 
 
-def _values(run: Run, scope: str, stats: tuple = STATS, first_tokens: bool = False) -> dict[str, float | None]:
+def _values(run: Run, scope: str, stats: tuple = STATS, first_tokens: bool = True) -> dict[str, float | None]:
     """metric key ('ttft.p95', 'throughput.requests_per_s', 'outcomes.ok') -> value for one scope."""
     s = run.summary
     out: dict[str, float | None] = {}
@@ -310,6 +310,10 @@ def compare(a: Run, b: Run, tolerances: list[Tolerance] | None = None) -> Compar
     for m in skipped:
         who = [r.label for r in (a, b) if not r.observed(m)]
         notes.append(f"{m}: not observed in {' and '.join(who)}; left out")
+    mixed = [r.label for r in (a, b) if {"streamed", "non_streamed"} <= set(r.summary.get("latency_by_stream") or {})]
+    if mixed and "ttft" not in skipped:
+        notes.append(f"overall ttft: over streamed requests only ({' and '.join(mixed)} also had non-streamed ones, "
+                     "whose TTFT is the whole response; their classes' rows show it)")
     cells = []
     for scope in scopes:
         va, vb = _values(a, scope), _values(b, scope)
