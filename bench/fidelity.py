@@ -30,11 +30,10 @@ sys.path.insert(0, str(ROOT))
 
 from simulator.errors import InputError  # noqa: E402
 from simulator.fidelity import fidelity  # noqa: E402
-from simulator.replay import replay  # noqa: E402
+from simulator.replay import ENGINE_OF_KIND, replay  # noqa: E402
 from simulator.runfolder import load_run_folder  # noqa: E402
 
 METRICS = ("ttft.p50", "ttft.p95", "tpot.p50", "tpot.p95", "e2e.p50", "e2e.p95")
-ENGINE_OF_KIND = {"vllm": "continuous", "llamacpp": "llamacpp"}
 
 
 def datasets(roots: list[Path]) -> list[Path]:

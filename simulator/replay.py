@@ -39,6 +39,9 @@ FACTS = (("num_gpu_blocks", "num_blocks"), ("block_size", "block_size"), ("max_n
 # server's configuration: measured, vLLM ran 820 requests at once at 40 req/s where the held-out scenario
 # says 256 (tests/data/real/vllm-0.26-h200-llama3-8b). --set engine.preset=vllm-0.26-small-gpu, or the
 # values, for a server started otherwise.
+# the engine a measured server's runs replay with unless --engine or --set engine.type says otherwise (a run's
+# scenario names the engine it was planned with, e.g. heldout_poisson.yaml's continuous, not the server)
+ENGINE_OF_KIND = {"vllm": "continuous", "llamacpp": "llamacpp"}
 SERVER_DEFAULTS = {"vllm": ("vllm-0.26", ("max_num_seqs", "max_num_batched_tokens", "chunked_prefill",
                                          "async_scheduling"))}
 
@@ -264,6 +267,7 @@ def simulate_replay(run: RunFolder, engine: str | None = None, profile: str | No
     `after`: the run measured just before on the same server (default: from a run_order.txt, slotstate.py)."""
     if after is None and run.kind == "llamacpp":
         after = predecessor(run)
+    engine = engine or ENGINE_OF_KIND.get(run.kind)
     overrides, used = replay_overrides(run, engine, profile, sets, after)
     sc = run.scenario(overrides)
     plan = build_plan(run, sc)

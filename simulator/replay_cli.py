@@ -16,7 +16,9 @@ from .errors import InputError
 def replay(run_dir: Path = typer.Argument(..., help="a run folder written by stress run (requests.csv, scenario.yaml, ...), or a vLLM bench serve --save-detailed JSON file"),
            profile: Optional[str] = typer.Option(None, "--profile", "-p",
                                                  help="cost profile name or YAML path (default: the run scenario's)"),
-           engine: Optional[str] = typer.Option(None, "--engine", help="engine type, e.g. continuous or llamacpp"),
+           engine: Optional[str] = typer.Option(None, "--engine", help="engine type, e.g. continuous or llamacpp "
+                                                "(default: the measured server's: vllm -> continuous, llamacpp -> llamacpp, "
+                                                "else the run scenario's)"),
            set_: Optional[List[str]] = typer.Option(None, "--set", help="override a field of the run's scenario: path=value"),
            after: Optional[Path] = typer.Option(None, "--after", help="the run measured just before on the same "
                                                 "server (llama-server: the slots it left, which the run inherits)"),

@@ -317,3 +317,16 @@ def test_after_names_the_run_whose_slots_a_llama_server_run_inherits(tmp_path):
     assert r.exit_code == 0, r.output
     applied = json.loads((tmp_path / "o" / "summary.json").read_text())["replay"]["server_facts_applied"]
     assert "left by probe_poisson_r3" in applied["slot_tokens"] and "slot_order" in applied
+    # no --engine: a llama-server run replays with the llamacpp engine (its scenario planned continuous), and
+    # matches the measured run far better than the scenario's engine does
+    info = json.loads((tmp_path / "o" / "summary.json").read_text())["replay"]
+    assert info["engine"] == "llamacpp"
+    assert yaml.safe_load((run / "scenario.yaml").read_text())["engine"]["type"] == "continuous"
+    errs = {}
+    for eng in ("llamacpp", "continuous"):
+        o = tmp_path / eng
+        r = CliRunner().invoke(app, ["replay", str(run), "--engine", eng, "--profile", str(real / "profile.yaml"),
+                                     "--out", str(o), "-q", "--no-plots"])
+        assert r.exit_code == 0, r.output
+        errs[eng] = abs(json.loads((o / "fidelity.json").read_text())["table"]["overall"]["metrics"]["tpot.p50"]["error_pct"])
+    assert errs["llamacpp"] < 10 < errs["continuous"], errs
