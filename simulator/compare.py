@@ -107,7 +107,7 @@ def _num(x):
     return None if math.isnan(x) or math.isinf(x) else x
 
 
-def _values(run: Run, scope: str, stats: tuple = STATS, first_tokens: bool = True) -> dict[str, float | None]:
+def _values(run: Run, scope: str, stats: tuple = STATS) -> dict[str, float | None]:
     """metric key ('ttft.p95', 'throughput.requests_per_s', 'outcomes.ok') -> value for one scope."""
     s = run.summary
     out: dict[str, float | None] = {}
@@ -121,8 +121,8 @@ def _values(run: Run, scope: str, stats: tuple = STATS, first_tokens: bool = Tru
     for m in LAT_METRICS:
         if m == "itl" and scope != OVERALL:
             continue  # pooled ITL is a run-wide figure only
-        # first_tokens: the run's TTFT over its streamed requests only (a non-streamed TTFT is a whole response)
-        d = (first_token_latency(s) if first_tokens and m == "ttft" and scope == OVERALL else lat).get(m) or {}
+        # the run's TTFT over its streamed requests only (a non-streamed TTFT is a whole response)
+        d = (first_token_latency(s) if m == "ttft" and scope == OVERALL else lat).get(m) or {}
         for st in stats:
             out[f"{m}.{st}"] = _num(d.get(st))
     for k in THROUGHPUT:

@@ -45,7 +45,7 @@ def table(measured: Run, sim: Run) -> dict:
     for scope in scopes:
         # TTFT is first tokens' (streamed requests'): a rate-limited non-streamed class's few whole-response
         # times must not decide a run's p95 (report.md and the verdict never pool them either)
-        vm, vs = _values(measured, scope, PCTS, first_tokens=True), _values(sim, scope, PCTS, first_tokens=True)
+        vm, vs = _values(measured, scope, PCTS), _values(sim, scope, PCTS)
         keys = [f"{m}.{p}" for m in METRICS for p in PCTS if f"{m}.{p}" in vm] + [k for k, _ in THROUGHPUT]
         out[scope] = {"metrics": {k: {"measured": vm.get(k), "sim": vs.get(k), "error_pct": err_pct(vm.get(k), vs.get(k))}
                                   for k in keys},

@@ -4,9 +4,9 @@ Each step is one forward pass over the running requests: every decoding sequence
 request still prefilling gets a chunk of the step's token budget, and waiting requests are admitted
 while the budget, `max_num_seqs` and free KV blocks allow; when blocks run short, a running request is
 preempted by recompute. With `async_scheduling` (vLLM's default), a request that arrives while a step
-runs is scheduled one step later than a synchronous scheduler would (see `enqueue`). A request that can never fit (prompt + max_tokens above the KV capacity, or
-above max_num_batched_tokens without chunked prefill, as vLLM's max_model_len check) is refused at once:
-outcome http_error, status 400.
+runs is scheduled one step later than a synchronous scheduler would (see `enqueue`). A request that can
+never fit (prompt + max_tokens above the KV capacity, or above max_num_batched_tokens without chunked
+prefill, as vLLM's max_model_len check) is refused at once: outcome http_error, status 400.
 
 The engine is one class in three modules, by responsibility:
 - this one: the engine as the world sees it (`enqueue`, `dropped`, `kv_util`, `settle`, `stats`, ...)
