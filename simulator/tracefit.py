@@ -70,18 +70,23 @@ def _requests(run: RunFolder) -> pd.DataFrame:
     return ok.set_index("request_id")
 
 
-def _pass_shapes(req, f_arr, l_arr, c_time, probe, firsts, budget, ubatch) -> tuple | None:
-    """(forward passes beyond the first, passes of more than one token) of each step, from the slot that ran
-    each request (client.csv `server_slot`, llama-server's id_slot): the decoding slots at the step and the
-    prompts whose first token it emitted, cut as llama.cpp cuts a batch (engines/llamacpp_batch.py)."""
+def _pass_shapes(req, f_arr, l_arr, c_time, probe, firsts, budget, ubatch, chunks=None) -> tuple | None:
+    """(forward passes beyond the first, passes of more than one token, decode KV read) of each step, from the
+    slot that ran each request (client.csv `server_slot`, llama-server's id_slot): the decoding slots at the
+    step and the prompts whose first token it emitted, cut as llama.cpp cuts a batch (engines/llamacpp_batch.py).
+    With one KV stream per slot the decode KV read is padded per pass (llamacpp_batch.padded_ctx), from each
+    decoding request's context at the step: its prompt and the tokens received before it (`chunks`: per request
+    the chunk times and the running token count); None with a unified KV (the plain sum of contexts)."""
     if ubatch is None or "server_slot" not in req.columns:
         return None
     slot = pd.to_numeric(req["server_slot"], errors="coerce").to_numpy()
     if np.isnan(slot).any():
         return None
-    from .engines.llamacpp_batch import pass_shape
+    from .engines.llamacpp_batch import padded_ctx, pass_shape
     slot = slot.astype(np.int64)
     n_ubatch, unified = ubatch
+    kv = None if unified or chunks is None else np.zeros(len(c_time))
+    P = req["P"].to_numpy(np.int64)
     f_ord, l_ord = np.argsort(f_arr, kind="stable"), np.argsort(l_arr, kind="stable")
     active: dict = {}
     a = b = 0
@@ -96,10 +101,18 @@ def _pass_shapes(req, f_arr, l_arr, c_time, probe, firsts, budget, ubatch) -> tu
             b += 1
         dec = sorted(active.values())
         room = max(1, budget - len(dec))
-        pre = sorted((int(slot[q]), int(min(req["P"].iat[q], room))) for q in firsts[j])
+        pre = sorted((int(slot[q]), int(min(P[q], room))) for q in firsts[j])
         n, big[j] = pass_shape(dec, pre, n_ubatch, unified)
         out[j] = n - 1
-    return out, big
+        if kv is not None and active:
+            by_slot = sorted((s, q) for q, s in active.items())
+            ctx = []
+            for _, q in by_slot:
+                ts, cum = chunks[q]
+                k = int(np.searchsorted(ts, probe[j], side="left"))
+                ctx.append(int(P[q]) + (int(cum[k - 1]) if k else 0))
+            kv[j] = padded_ctx([s for s, _ in by_slot], ctx)[0]
+    return out, big, kv
 
 
 def _slot_saves(start, l_arr, tokens, c_time, window, inherited: float = 0.0) -> np.ndarray:
@@ -243,8 +256,17 @@ def reconstruct(run: RunFolder, budget: int, window_fraction: float = WINDOW_FRA
                 pf_attn[jj] += take * (ctx_before + take)
                 left -= take
                 jj -= 1
-    shape = _pass_shapes(req, f_arr, l_arr, c_time, probe, firsts, budget, ubatch)
-    extra, batched = shape if shape is not None else (None, None)
+    chunks = None
+    if ubatch is not None and not ubatch[1]:
+        ends = np.r_[starts, len(n)]
+        cum_all = np.cumsum(n)
+        chunks = [None] * len(first)
+        for a, b in zip(ends[:-1], ends[1:]):
+            chunks[rid_index[rid[a]]] = (t[a:b], cum_all[a:b] - (cum_all[a - 1] if a else 0))
+    shape = _pass_shapes(req, f_arr, l_arr, c_time, probe, firsts, budget, ubatch, chunks)
+    extra, batched, kv = shape if shape is not None else (None, None, None)
+    if kv is not None:
+        ctx = np.where(n_active > 0, kv, ctx)
     saves = _slot_saves(start, l_arr, P + out_total, c_time, window, _inherited(run)) if ubatch is not None else None
     step_save = np.zeros(nc)
     if saves is not None:

@@ -18,7 +18,13 @@
   `cache_idle_slots` (llama-server's default, with --cache-ram 8192 MiB) every idle slot whose prompt and
   output are not cached yet, else only the slot picked by LRU (server-context.cpp get_available_slot
   prompt_save, and the cache_idle_slots loop after launch_slot_with_task). The copy costs the profile's
-  `slot_save_s` per token (measured on an H200: 108 us per token of Llama-3-8B f16 KV).
+  `slot_save_s` per token (H200, Llama-3-8B f16 KV: 68-76 us a token in the busy steps that followed a
+  copy, probe and held-out runs alike; sim calibrate prices it from those steps).
+  Requests that arrive during that stall are launched before the batch is built (server-queue.cpp
+  start_loop pops every queued task before update_slots), so they share the batch.
+- A decode's attention cost (the profile's decode_ctx_s) is priced, with one KV stream per slot, on the KV
+  each pass reads: every stream of the pass as long as its longest, padded to 256 (llama-kv-cache.cpp
+  get_n_kv; llamacpp_batch.padded_ctx); with `kv_unified`, on the plain sum of the decodes' contexts.
 - With `prefix_caching` (llama.cpp's `cache_prompt`), a slot keeps the prompt it last served; a new
   request goes to the free slot sharing the longest prefix with it (if that covers over 10% of the
   prompt, llama.cpp's slot_prompt_similarity), else to the least recently used free slot, and only the
@@ -36,7 +42,7 @@ import numpy as np
 from ..errors import InputError
 from . import ENGINES
 from .base import EngineBase
-from .llamacpp_batch import pass_shape
+from .llamacpp_batch import padded_ctx, pass_shape
 
 SLOT_PROMPT_SIMILARITY = 0.1  # llama-server's default --slot-prompt-similarity
 
@@ -158,13 +164,19 @@ class LlamaCpp(EngineBase):
             self.t += dt
             self.busy_s += dt
             self.save_s += dt
+        return n
 
     def _fill(self):
-        """Free slots take waiting requests (llama.cpp launches tasks before building the batch)."""
-        world, t = self.world, self.t
+        """Free slots take waiting requests (llama.cpp launches tasks before building the batch).
+
+        A launch's prompt-cache copy stalls the loop; requests that arrive meanwhile are launched before
+        the batch is built (server-queue.cpp start_loop pops every queued task, re-checking the queue after
+        each, before it calls update_slots), so the clock is caught up after each stall."""
+        world = self.world
         changed = False
         while len(self.running) < self.n_slots and self.has_waiting():
             req = self._take()
+            t = self.t
             if req.prompt >= self.slot_ctx:
                 self.context_errors += 1
                 req.http_status = 400
@@ -173,14 +185,14 @@ class LlamaCpp(EngineBase):
                 world.finish(req, "http_error", t)
                 continue
             s, cached = self._pick_slot(req)
-            if self.cost.slot_save_s:
-                self._save(s)
             self.slots[s] = req
             self.limit[s] = min(req.target, self.slot_ctx - req.prompt)
             req.prefilled = req.cached = cached
             self.cache_hit_tokens += cached
             self.running = [r for r in self.slots if r is not None]
             changed = True
+            if self.cost.slot_save_s and self._save(s):
+                yield self.env.timeout(max(0.0, self.t - self.env.now))
         if changed and len(self.running) > self.max_busy:
             self.max_busy = len(self.running)
 
@@ -212,7 +224,7 @@ class LlamaCpp(EngineBase):
     def loop(self):
         env, slots = self.env, self.slots
         while True:
-            self._fill()
+            yield from self._fill()
             if not self.running:
                 yield self.idle()
                 self.t = env.now
@@ -240,10 +252,13 @@ class LlamaCpp(EngineBase):
     def _mixed_step(self, decs, pre):
         env, world, slots = self.env, self.world, self.slots
         budget = self.n_batch - len(decs)
-        dctx = 0
-        for s in decs:
-            r = slots[s]
-            dctx += r.prompt + r.generated
+        if self.unified:
+            dctx = 0
+            for s in decs:
+                r = slots[s]
+                dctx += r.prompt + r.generated
+        else:  # one KV stream per slot: each pass reads its widest stream's extent for every stream in it
+            dctx = float(padded_ctx(decs, [slots[s].prompt + slots[s].generated for s in decs])[0]) if decs else 0.0
         chunks, ptoks, pattn = [], 0, 0
         for s in pre:
             if budget <= 0:
@@ -291,9 +306,12 @@ class LlamaCpp(EngineBase):
         rs = [slots[s] for s in decs]
         n = len(rs)
         k = min(self.limit[s] - slots[s].generated for s in decs) if self.cfg.fast_forward else 1
-        ctx = sum(r.prompt + r.generated for r in rs)
+        if self.unified:
+            ctx = sum(r.prompt + r.generated for r in rs) + n * np.arange(k)
+        else:
+            ctx = padded_ctx(decs, [r.prompt + r.generated for r in rs], k)
         np_, nb = pass_shape(decs, (), self.n_ubatch, self.unified)
-        times = self.cost.step_times(0, 0, n, ctx + n * np.arange(k), np_, nb)
+        times = self.cost.step_times(0, 0, n, ctx, np_, nb)
         t0 = self.t
         ends = np.cumsum(np.concatenate(((t0,), times)))[1:]  # in-order sums: the step-by-step clock exactly
         dmin = min(r.deadline for r in rs)

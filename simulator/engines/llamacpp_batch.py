@@ -71,3 +71,37 @@ def pass_shape(dec_slots, prompt_chunks, n_ubatch: int, unified: bool) -> tuple[
             n += 1
             big += k * len(chain) > 1
     return max(1, n), big
+
+
+KV_PAD = 256  # llama_kv_cache::get_n_kv pads the KV length a pass attends over to a multiple of max(n_pad, 256)
+
+
+def padded_ctx(dec_slots, ctx, steps: int = 1):
+    """The decode attention's KV read of `steps` consecutive decode-only steps, with one KV stream per slot.
+
+    A pass over the streams of slots a..b attends over a view of (b - a + 1) streams of n_kv cells each, n_kv
+    the largest used extent among them padded to 256 (src/llama-kv-cache.cpp get_n_kv, get_k/get_v view_4d),
+    so a short context decoding beside a long one reads as much as the long one (masked). The cost model's
+    decode_ctx term is priced on this sum over passes. `dec_slots` ascending, `ctx` their contexts (tokens in
+    the KV, aligned); every context grows by one a step. Returns an array of `steps` values.
+    Measured on the H200 probes (tests/data/real/llamacpp-h200-llama3-8b-f16): decode-only steps of the
+    held-out Poisson runs, with a profile fitted on the probes' decode steps alone, median |error| 2.97 %
+    priced on this against 3.18 % on the plain sum of contexts, and the plain sum ran 3.8-4.4 % low at
+    2.5-4 req/s (where this sum is 2.3-3.8x the plain one) against -0.9 to +2.3 %."""
+    import numpy as np
+    i = np.arange(steps)
+    total = np.zeros(steps)
+    n = 0
+    top = 0
+    last = None
+    for s, c in zip(dec_slots, ctx):
+        if last is not None and s != last + 1:
+            total += n * np.maximum(KV_PAD, -(-(top + i) // KV_PAD) * KV_PAD)
+            n = top = 0
+        n += 1
+        if c > top:
+            top = c
+        last = s
+    if n:
+        total += n * np.maximum(KV_PAD, -(-(top + i) // KV_PAD) * KV_PAD)
+    return total
